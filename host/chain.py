@@ -1,0 +1,152 @@
+"""A stream's plugin chain: the plugin instances of one stream and the calls that link them.
+
+Body bytes go through the plugins in the route's order, each one's output feeding the next
+(as httpx chains its decoders). At the end of a body each plugin's flush is fed through the
+plugins after it before they flush in turn. Only plugins that override a hook are called for
+it, so a chain of plugins that leave bodies alone moves bytes without touching them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .plugin import Headers, Plugin, StreamInfo, overridden_hooks
+from .registry import Route
+
+BODY_HOOKS = {
+    "request": ("on_request_body", "on_request_body_end"),
+    "response": ("on_response_body", "on_response_body_end"),
+}
+HEADER_HOOKS = {
+    "request": "on_request_headers",
+    "response": "on_response_headers",
+    "request_trailers": "on_request_trailers",
+    "response_trailers": "on_response_trailers",
+}
+
+
+class PluginError(Exception):
+    """A plugin hook raised; carries which plugin and hook, and the original error as cause."""
+
+    def __init__(self, plugin: str, hook: str, error: BaseException) -> None:
+        self.plugin = plugin
+        self.hook = hook
+        self.error = error
+        super().__init__(f"plugin '{plugin}' failed in {hook}: {type(error).__name__}: {error}")
+
+
+@dataclass(frozen=True)
+class ChainPlan:
+    """Per route, computed once: for every hook, which links implement it and whether async."""
+
+    route: Route
+    calls: dict[str, tuple[tuple[int, bool], ...]]
+    # direction -> ((link index, body hook async?|None, end hook async?|None), ...)
+    body_stages: dict[str, tuple[tuple[int, bool | None, bool | None], ...]]
+    has_any_hook: bool
+
+    @classmethod
+    def for_route(cls, route: Route) -> ChainPlan:
+        calls: dict[str, list[tuple[int, bool]]] = {}
+        for index, link in enumerate(route.chain):
+            for hook in overridden_hooks(link.info.cls):
+                is_async = inspect.iscoroutinefunction(getattr(link.info.cls, hook))
+                calls.setdefault(hook, []).append((index, is_async))
+        stages = {}
+        for direction, (body_hook, end_hook) in BODY_HOOKS.items():
+            body_calls, end_calls = dict(calls.get(body_hook, ())), dict(calls.get(end_hook, ()))
+            stages[direction] = tuple(
+                (index, body_calls.get(index), end_calls.get(index))
+                for index in range(len(route.chain))
+                if index in body_calls or index in end_calls
+            )
+        return cls(route, {k: tuple(v) for k, v in calls.items()}, stages, bool(calls))
+
+    def touches_body(self, direction: str) -> bool:
+        body, end = BODY_HOOKS[direction]
+        return body in self.calls or end in self.calls
+
+    def touches(self, hook: str) -> bool:
+        return hook in self.calls
+
+
+async def _call(fn: Callable[..., Any], is_async: bool, *args: Any) -> Any:
+    result = fn(*args)
+    if is_async:
+        result = await result
+    return result
+
+
+def _as_bytes(value: Any, plugin: str, hook: str) -> bytes:
+    if type(value) is bytes:
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    raise PluginError(plugin, hook, TypeError(f"returned {type(value).__name__}, expected bytes"))
+
+
+class Chain:
+    """The plugin instances of one stream, in route order."""
+
+    __slots__ = ("plan", "plugins", "info", "_closed")
+
+    def __init__(self, plan: ChainPlan, info: StreamInfo) -> None:
+        self.plan = plan
+        self.info = info
+        self.plugins: list[Plugin] = []
+        self._closed = False
+        for link in plan.route.chain:
+            try:
+                self.plugins.append(link.info.cls(link.settings, info))
+            except Exception as exc:
+                raise PluginError(link.info.name, "__init__", exc) from exc
+
+    async def headers(self, hook: str, headers: Headers) -> None:
+        """Run a header or trailer hook of every plugin that has it, in order."""
+        for index, is_async in self.plan.calls.get(hook, ()):
+            plugin = self.plugins[index]
+            try:
+                await _call(getattr(plugin, hook), is_async, headers)
+            except Exception as exc:
+                raise PluginError(plugin.name, hook, exc) from exc
+
+    async def body(self, direction: str, chunk: bytes, end: bool) -> bytes:
+        """Feed one chunk (and, when ``end``, the flushes) through the chain; return its output."""
+        body_hook, end_hook = BODY_HOOKS[direction]
+        data = chunk
+        for index, body_async, end_async in self.plan.body_stages[direction]:
+            plugin = self.plugins[index]
+            if data and body_async is not None:
+                try:
+                    data = _as_bytes(await _call(getattr(plugin, body_hook), body_async, data), plugin.name, body_hook)
+                except PluginError:
+                    raise
+                except Exception as exc:
+                    raise PluginError(plugin.name, body_hook, exc) from exc
+            if end and end_async is not None:
+                try:
+                    tail = _as_bytes(await _call(getattr(plugin, end_hook), end_async), plugin.name, end_hook)
+                except PluginError:
+                    raise
+                except Exception as exc:
+                    raise PluginError(plugin.name, end_hook, exc) from exc
+                if tail:
+                    data = data + tail if data else tail
+        return data
+
+    async def close(self, error: BaseException | None, on_error: Callable[[str, BaseException], None]) -> None:
+        """Call every plugin's ``close`` exactly once; a failing close is reported, not raised."""
+        if self._closed:
+            return
+        self._closed = True
+        async_close = dict(self.plan.calls.get("close", ()))
+        for index, plugin in enumerate(self.plugins):
+            if index not in async_close:
+                continue
+            try:
+                await _call(plugin.close, async_close[index], error)
+            except Exception as exc:  # a failing close must not stop the others
+                on_error(plugin.name, exc)

@@ -1,0 +1,132 @@
+"""The ``extproc-host`` command: serve (the default), plugins, check, echo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from importlib.metadata import version
+
+from .settings import ConfigError, load_settings, parse_listen
+
+COMMANDS = ("serve", "plugins", "check", "echo")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="extproc-host",
+        description="Envoy External Processing host: streams HTTP bodies through per-route plugin chains.",
+        epilog="With no command, 'serve' is assumed: extproc-host --config config/full_duplex.toml",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('extproc-host')}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the ext_proc gRPC server (the default command)")
+    serve.add_argument("--config", "-c", help="settings TOML file (default: built-in defaults)")
+    serve.add_argument("--listen", help="HOST:PORT to listen on, overriding [server] listen (port 0: any free port)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides [server] log_level")
+
+    check = sub.add_parser("check", help="validate a settings file and its plugins' settings, then exit")
+    check.add_argument("--config", "-c", required=True, help="settings TOML file")
+
+    sub.add_parser("plugins", help="list the installed plugins")
+
+    echo = sub.add_parser("echo", help="run the echo upstream (streams every request body back)")
+    echo.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT (default 127.0.0.1:8080)")
+    return parser
+
+
+def _load(config: str | None):
+    """Settings, plugin manager and routes, all checked; ConfigError on any problem."""
+    from .registry import build_routes, discover, make_plugin_manager
+
+    settings = load_settings(config)
+    pm = make_plugin_manager()
+    plugins = discover(pm)
+    routes = build_routes(settings, plugins, config or "environment")
+    return settings, pm, routes
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .processor import Router
+    from .server import serve
+
+    settings, pm, routes = _load(args.config)
+    if args.listen:
+        try:
+            parse_listen(args.listen)
+        except ValueError as exc:
+            raise ConfigError(f"--listen: {exc}") from None
+    _configure_logging(args.log_level or settings.server.log_level)
+    try:
+        asyncio.run(serve(settings, Router(routes), pm, args.listen))
+    except OSError as exc:
+        print(f"extproc-host: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    settings, _, routes = _load(args.config)
+    for name, route in routes.items():
+        chain = " -> ".join(link.info.name for link in route.chain)
+        where = f" (path prefix {route.path_prefix})" if route.path_prefix else ""
+        print(f"route {name}{where}: {chain} [{route.failure_policy}]")
+    print(f"{args.config}: OK, listen {settings.server.listen}")
+    return 0
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .registry import discover, make_plugin_manager
+
+    table = Table("plugin", "version", "distribution", "hooks", title="installed extproc-host plugins")
+    for info in discover(make_plugin_manager()).values():
+        table.add_row(info.name, info.version, info.distribution, ", ".join(info.hooks) or "(none: passes everything)")
+    Console().print(table)
+    return 0
+
+
+def _echo(args: argparse.Namespace) -> int:
+    from .echo import serve
+
+    try:
+        parse_listen(args.listen)
+    except ValueError as exc:
+        raise ConfigError(f"--listen: {exc}") from None
+    _configure_logging("warning")
+    serve(args.listen)
+    return 0
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
+        argv.insert(0, "serve")
+    args = _parser().parse_args(argv)
+    handler = {"serve": _serve, "check": _check, "plugins": _plugins, "echo": _echo}[args.command]
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        print(f"extproc-host: invalid settings\n{exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        print(f"extproc-host: a plugin failed to load: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

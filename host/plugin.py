@@ -1,0 +1,196 @@
+"""The plugin API: what a plugin class implements and what it is handed.
+
+One instance of a plugin class is built for every gRPC ``Process`` stream (that is, for every
+HTTP exchange) whose route lists the plugin in its chain. Every hook is optional; the defaults
+pass data through untouched. A hook may be a plain method or an ``async def``.
+
+Body hooks take the bytes that reached this plugin (the output of the plugin before it in the
+chain) and return the bytes to hand to the next one: the same bytes, different ones, more,
+fewer or none. ``*_body_end`` is called once when the body is complete and returns whatever the
+plugin still holds back (a flush). Header and trailer hooks change the :class:`Headers` they
+are given in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+
+class NoSettings(BaseModel):
+    """Settings model of a plugin that takes no settings (any key is an error)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Headers:
+    """HTTP headers (or trailers) of one message, with the changes a plugin makes to them.
+
+    Names are case-insensitive (Envoy sends them lower-case). Values are ``str``; bytes that
+    are not UTF-8 survive a round trip unchanged (surrogateescape).
+    """
+
+    __slots__ = ("_items", "set_headers", "appended", "removed")
+
+    def __init__(self, items: list[tuple[str, str]] | None = None) -> None:
+        self._items: list[tuple[str, str]] = items if items is not None else []
+        self.set_headers: dict[str, str] = {}
+        self.appended: list[tuple[str, str]] = []
+        self.removed: set[str] = set()
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        """The first value of ``name``, or ``default``."""
+        name = name.lower()
+        for key, value in self._items:
+            if key == name:
+                return value
+        return default
+
+    def get_all(self, name: str) -> list[str]:
+        """Every value of ``name``, in order."""
+        name = name.lower()
+        return [value for key, value in self._items if key == name]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name) is not None
+
+    def __getitem__(self, name: str) -> str:
+        value = self.get(name)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def items(self) -> Iterator[tuple[str, str]]:
+        """All (name, value) pairs as they stand now, in order."""
+        return iter(self._items)
+
+    def set(self, name: str, value: str) -> None:
+        """Replace every value of ``name`` with ``value``."""
+        name = name.lower()
+        self._items = [(k, v) for k, v in self._items if k != name]
+        self._items.append((name, value))
+        self.removed.discard(name)
+        self.appended = [(k, v) for k, v in self.appended if k != name]
+        self.set_headers[name] = value
+
+    def add(self, name: str, value: str) -> None:
+        """Add one more value of ``name``, keeping the ones there are."""
+        name = name.lower()
+        self._items.append((name, value))
+        self.appended.append((name, value))
+
+    def remove(self, name: str) -> None:
+        """Remove every value of ``name``."""
+        name = name.lower()
+        self._items = [(k, v) for k, v in self._items if k != name]
+        self.set_headers.pop(name, None)
+        self.appended = [(k, v) for k, v in self.appended if k != name]
+        self.removed.add(name)
+
+    @property
+    def changed(self) -> bool:
+        """Whether any plugin changed these headers."""
+        return bool(self.set_headers or self.appended or self.removed)
+
+    def __repr__(self) -> str:
+        return f"Headers({self._items!r})"
+
+
+@dataclass
+class StreamInfo:
+    """What a plugin instance knows of its stream; shared by every plugin in the chain.
+
+    ``state`` is a dict for plugins of one chain to pass values to each other (key it by
+    something unique to your plugin).
+    """
+
+    stream_id: str
+    route: str
+    request_body_mode: str = "NONE"
+    response_body_mode: str = "NONE"
+    attributes: dict[str, Any] = field(default_factory=dict)
+    request_headers: Headers | None = None
+    response_headers: Headers | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+class Reject(Exception):
+    """Raise from a hook to answer the client directly (an Envoy local reply).
+
+    Works while the response has not started (request headers, request body, request
+    trailers and response headers hooks); later, the stream fails like any other error.
+    """
+
+    def __init__(self, status: int = 400, body: bytes | str = b"", headers: dict[str, str] | None = None):
+        self.status = status
+        self.body = body.encode() if isinstance(body, str) else body
+        self.headers = dict(headers or {})
+        super().__init__(f"{status} {self.body[:200]!r}")
+
+
+class Plugin:
+    """Base class of a stream plugin. Subclass it, set ``name``, override the hooks you need.
+
+    ``Settings`` is the plugin's pydantic model: the host validates ``[plugins.<name>]``
+    (merged with a route's ``[routes.<route>.plugins.<name>]``) against it at start-up and
+    hands the instance to ``__init__``.
+    """
+
+    name: ClassVar[str] = ""
+    Settings: ClassVar[type[BaseModel]] = NoSettings
+
+    def __init__(self, settings: BaseModel, stream: StreamInfo) -> None:
+        self.settings = settings
+        self.stream = stream
+
+    def on_request_headers(self, headers: Headers) -> None:
+        """Request headers arrived; change them in place."""
+
+    def on_request_body(self, chunk: bytes) -> bytes:
+        """One piece of the request body; return what goes on down the chain."""
+        return chunk
+
+    def on_request_body_end(self) -> bytes:
+        """The request body is complete; return anything still held back."""
+        return b""
+
+    def on_request_trailers(self, trailers: Headers) -> None:
+        """Request trailers arrived; change them in place."""
+
+    def on_response_headers(self, headers: Headers) -> None:
+        """Response headers arrived; change them in place."""
+
+    def on_response_body(self, chunk: bytes) -> bytes:
+        """One piece of the response body; return what goes on down the chain."""
+        return chunk
+
+    def on_response_body_end(self) -> bytes:
+        """The response body is complete; return anything still held back."""
+        return b""
+
+    def on_response_trailers(self, trailers: Headers) -> None:
+        """Response trailers arrived; change them in place."""
+
+    def close(self, error: BaseException | None) -> None:
+        """The stream is over: called exactly once, with the error if it failed."""
+
+
+HOOK_NAMES = (
+    "on_request_headers",
+    "on_request_body",
+    "on_request_body_end",
+    "on_request_trailers",
+    "on_response_headers",
+    "on_response_body",
+    "on_response_body_end",
+    "on_response_trailers",
+    "close",
+)
+
+
+def overridden_hooks(cls: type[Plugin]) -> list[str]:
+    """The hooks ``cls`` implements itself (not inherited from :class:`Plugin`)."""
+    return [name for name in HOOK_NAMES if getattr(cls, name) is not getattr(Plugin, name)]

@@ -1,0 +1,371 @@
+"""One ext_proc stream: Envoy's ProcessingRequests in, ProcessingResponses out, per body mode.
+
+- FULL_DUPLEX_STREAMED: body chunks are answered M:N with ``streamed_response`` chunks; a chunk
+  the chain swallows is not answered at all; ``end_of_stream`` is sent exactly once.
+- STREAMED (and BUFFERED_PARTIAL): every chunk gets exactly one BodyResponse.
+- BUFFERED: the one body message is answered with the whole new body, and ``content-length``
+  is set when the size changed.
+- Headers and trailers: one answer each, carrying the plugins' changes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.type.v3 import http_status_pb2
+
+from .chain import Chain, ChainPlan, PluginError
+from .plugin import Headers, Reject, StreamInfo
+from .registry import Route
+
+log = logging.getLogger("extproc_host.stream")
+
+_Mode = processing_mode_pb2.ProcessingMode.BodySendMode
+NONE, STREAMED, BUFFERED, BUFFERED_PARTIAL, FULL_DUPLEX = (
+    _Mode.NONE,
+    _Mode.STREAMED,
+    _Mode.BUFFERED,
+    _Mode.BUFFERED_PARTIAL,
+    _Mode.FULL_DUPLEX_STREAMED,
+)
+MODE_NAMES = {value: name for name, value in _Mode.items()}
+
+ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
+ROUTE_ATTRIBUTE = "xds.route_name"
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_APPEND = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
+
+# Answers that change nothing, built once.
+_CONTINUE = {
+    "request_headers": (pb.ProcessingResponse(request_headers=pb.HeadersResponse()),),
+    "response_headers": (pb.ProcessingResponse(response_headers=pb.HeadersResponse()),),
+    "request_body": (pb.ProcessingResponse(request_body=pb.BodyResponse()),),
+    "response_body": (pb.ProcessingResponse(response_body=pb.BodyResponse()),),
+    "request_trailers": (pb.ProcessingResponse(request_trailers=pb.TrailersResponse()),),
+    "response_trailers": (pb.ProcessingResponse(response_trailers=pb.TrailersResponse()),),
+}
+_NOTHING: tuple[pb.ProcessingResponse, ...] = ()
+
+
+class StreamAborted(Exception):
+    """The exchange ended before a body it had started was complete (client gone, reset)."""
+
+
+class StreamFailed(Exception):
+    """The stream must end with a gRPC error: Envoy then fails the request (fail_closed)."""
+
+
+class Router:
+    """Picks a route's chain plan: by Envoy route name, else by path prefix, else ``default``."""
+
+    def __init__(self, routes: dict[str, Route]) -> None:
+        self.plans = {name: ChainPlan.for_route(route) for name, route in routes.items()}
+        self.default = self.plans["default"]
+        self.prefixes = sorted(
+            ((route.path_prefix, self.plans[name]) for name, route in routes.items() if route.path_prefix),
+            key=lambda item: len(item[0]),
+            reverse=True,
+        )
+
+    def select(self, route_name: str | None, path: str | None) -> ChainPlan:
+        if route_name:
+            plan = self.plans.get(route_name)
+            if plan is not None:
+                return plan
+        if path is not None:
+            for prefix, plan in self.prefixes:
+                if path.startswith(prefix):
+                    return plan
+        return self.default
+
+
+def header_items(header_map: base_pb2.HeaderMap) -> list[tuple[str, str]]:
+    """Envoy's HeaderMap as (name, value) pairs; Envoy fills ``raw_value``, older ones ``value``."""
+    return [
+        (h.key, h.raw_value.decode("utf-8", "surrogateescape") if h.raw_value else h.value) for h in header_map.headers
+    ]
+
+
+def header_mutation(headers: Headers, extra: dict[str, str] | None = None) -> pb.HeaderMutation | None:
+    """The HeaderMutation for what plugins changed in ``headers`` (plus ``extra`` to set)."""
+    if not headers.changed and not extra:
+        return None
+    mutation = pb.HeaderMutation(remove_headers=sorted(headers.removed))
+    for name, value in {**headers.set_headers, **(extra or {})}.items():
+        mutation.set_headers.append(
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=name, raw_value=value.encode("utf-8", "surrogateescape")),
+                append_action=_OVERWRITE,
+            )
+        )
+    for name, value in headers.appended:
+        mutation.set_headers.append(
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=name, raw_value=value.encode("utf-8", "surrogateescape")),
+                append_action=_APPEND,
+            )
+        )
+    return mutation
+
+
+@dataclass
+class Direction:
+    """Where one direction (request or response) of the exchange stands."""
+
+    name: str
+    mode: int = NONE
+    body_expected: bool = False
+    body_seen: bool = False
+    ended: bool = False
+    content_length_known: bool = False
+
+
+@dataclass
+class StreamProcessor:
+    """The state of one gRPC Process stream; ``handle`` answers each ProcessingRequest."""
+
+    router: Router
+    stream_id: str
+    plan: ChainPlan | None = None
+    chain: Chain | None = None
+    info: StreamInfo | None = None
+    request: Direction = field(default_factory=lambda: Direction("request"))
+    response: Direction = field(default_factory=lambda: Direction("response"))
+    altered: bool = False  # something the chain produced reached Envoy
+    bypass: bool = False  # failed open: the rest of the stream passes untouched
+    finished: bool = False  # an ImmediateResponse ended the exchange
+    error: BaseException | None = None
+
+    @property
+    def route_name(self) -> str:
+        return self.plan.route.name if self.plan else "?"
+
+    async def handle(self, req: pb.ProcessingRequest) -> Sequence[pb.ProcessingResponse]:
+        """The responses for one request (none, one, or several in full-duplex mode)."""
+        if self.plan is None:
+            self._start(req)
+        kind = req.WhichOneof("request")
+        try:
+            return await self._dispatch(kind, req)
+        except PluginError as exc:
+            return await self._plugin_failed(kind, req, exc)
+
+    def _start(self, req: pb.ProcessingRequest) -> None:
+        if req.HasField("protocol_config"):
+            self.request.mode = req.protocol_config.request_body_mode
+            self.response.mode = req.protocol_config.response_body_mode
+        route_name = None
+        if ATTRIBUTES_KEY in req.attributes:
+            value = req.attributes[ATTRIBUTES_KEY].fields.get(ROUTE_ATTRIBUTE)
+            if value is not None:
+                route_name = value.string_value
+        path = None
+        if self.router.prefixes and req.HasField("request_headers"):
+            for h in req.request_headers.headers.headers:
+                if h.key == ":path":
+                    path = h.raw_value.decode("latin-1") if h.raw_value else h.value
+                    break
+        self.plan = self.router.select(route_name, path)
+        self.info = StreamInfo(
+            stream_id=self.stream_id,
+            route=self.plan.route.name,
+            request_body_mode=MODE_NAMES.get(self.request.mode, "NONE"),
+            response_body_mode=MODE_NAMES.get(self.response.mode, "NONE"),
+            attributes={k: v for k, v in req.attributes.items()} if req.attributes else {},
+        )
+        if self.plan.has_any_hook:
+            try:
+                self.chain = Chain(self.plan, self.info)
+            except PluginError as exc:
+                self._log_failure(exc)
+                self.error = exc
+                self.bypass = True  # nothing to close: no plugin was fully built
+                if self.plan.route.failure_policy != "fail_open":
+                    raise StreamFailed(str(exc)) from exc
+
+    async def _dispatch(self, kind: str | None, req: pb.ProcessingRequest) -> Sequence[pb.ProcessingResponse]:
+        if kind == "request_body":
+            return await self._body(self.request, kind, req.request_body)
+        if kind == "response_body":
+            return await self._body(self.response, kind, req.response_body)
+        if kind == "request_headers":
+            return await self._headers(self.request, kind, req.request_headers)
+        if kind == "response_headers":
+            return await self._headers(self.response, kind, req.response_headers)
+        if kind == "request_trailers":
+            return await self._trailers(self.request, kind, req.request_trailers.trailers)
+        if kind == "response_trailers":
+            return await self._trailers(self.response, kind, req.response_trailers.trailers)
+        raise StreamFailed(f"unexpected ProcessingRequest with no message ({kind!r})")
+
+    def _active(self) -> Chain | None:
+        return None if self.bypass else self.chain
+
+    async def _headers(self, d: Direction, kind: str, msg: pb.HttpHeaders) -> Sequence[pb.ProcessingResponse]:
+        d.ended = msg.end_of_stream
+        d.body_expected = not msg.end_of_stream and d.mode != NONE
+        chain = self._active()
+        hook = "on_request_headers" if d is self.request else "on_response_headers"
+        if chain is None or not self.plan.touches(hook):
+            return _CONTINUE[kind]
+        headers = Headers(header_items(msg.headers))
+        d.content_length_known = "content-length" in headers
+        if d is self.request:
+            self.info.request_headers = headers
+        else:
+            self.info.response_headers = headers
+        await chain.headers(hook, headers)
+        mutation = header_mutation(headers)
+        if mutation is None:
+            return _CONTINUE[kind]
+        self.altered = True
+        return (pb.ProcessingResponse(**{kind: pb.HeadersResponse(response=pb.CommonResponse(header_mutation=mutation))}),)
+
+    async def _body(self, d: Direction, kind: str, msg: pb.HttpBody) -> Sequence[pb.ProcessingResponse]:
+        chunk = msg.body
+        mode = d.mode
+        # BUFFERED sends the whole body in one message, even when trailers follow.
+        end = msg.end_of_stream or mode == BUFFERED
+        d.body_seen = True
+        chain = self._active()
+        if chain is not None and self.plan.touches_body(d.name):
+            out = await chain.body(d.name, chunk, end)
+        else:
+            out = chunk
+        if end:
+            d.ended = True
+        if mode == FULL_DUPLEX:
+            if out is not chunk:
+                self.altered = True
+            if not out and not end:
+                return _NOTHING
+            streamed = pb.StreamedBodyResponse(body=out, end_of_stream=end)
+            body_response = pb.BodyResponse(response=pb.CommonResponse(body_mutation=pb.BodyMutation(streamed_response=streamed)))
+            return (pb.ProcessingResponse(**{kind: body_response}),)
+        if out is chunk:
+            return _CONTINUE[kind]
+        self.altered = True
+        mutation = pb.BodyMutation(body=out) if out else pb.BodyMutation(clear_body=True)
+        common = pb.CommonResponse(body_mutation=mutation)
+        if mode == BUFFERED and len(out) != len(chunk):
+            common.header_mutation.CopyFrom(header_mutation(Headers(), {"content-length": str(len(out))}))
+        return (pb.ProcessingResponse(**{kind: pb.BodyResponse(response=common)}),)
+
+    async def _trailers(self, d: Direction, kind: str, trailer_map: base_pb2.HeaderMap) -> Sequence[pb.ProcessingResponse]:
+        chain = self._active()
+        out: list[pb.ProcessingResponse] = []
+        if not d.ended:
+            # Trailers end the body: flush what the plugins hold back.
+            d.ended = True
+            tail = b""
+            if chain is not None and self.plan.touches_body(d.name):
+                tail = await chain.body(d.name, b"", True)
+            if d.mode == FULL_DUPLEX:
+                if tail:
+                    self.altered = True
+                    streamed = pb.StreamedBodyResponse(body=tail, end_of_stream=False)
+                    out.append(
+                        pb.ProcessingResponse(
+                            **{
+                                f"{d.name}_body": pb.BodyResponse(
+                                    response=pb.CommonResponse(body_mutation=pb.BodyMutation(streamed_response=streamed))
+                                )
+                            }
+                        )
+                    )
+            elif tail:
+                raise PluginError(
+                    "(host)",
+                    f"{d.name} trailers",
+                    RuntimeError(
+                        f"plugins flushed {len(tail)} bytes after the last {MODE_NAMES.get(d.mode)} chunk; "
+                        "use FULL_DUPLEX_STREAMED for bodies with trailers"
+                    ),
+                )
+        hook = "on_request_trailers" if d is self.request else "on_response_trailers"
+        mutation = None
+        if chain is not None and self.plan.touches(hook):
+            trailers = Headers(header_items(trailer_map))
+            await chain.headers(hook, trailers)
+            mutation = header_mutation(trailers)
+        if mutation is None:
+            out.extend(_CONTINUE[kind])
+        else:
+            self.altered = True
+            out.append(pb.ProcessingResponse(**{kind: pb.TrailersResponse(header_mutation=mutation)}))
+        return out
+
+    def _log_failure(self, exc: PluginError) -> None:
+        log.error(
+            "stream %s route %s: %s (policy %s)",
+            self.stream_id,
+            self.route_name,
+            exc,
+            self.plan.route.failure_policy if self.plan else "?",
+            exc_info=exc.error,
+        )
+
+    async def _plugin_failed(self, kind: str | None, req: pb.ProcessingRequest, exc: PluginError) -> Sequence[pb.ProcessingResponse]:
+        if isinstance(exc.error, Reject) and not self.response.body_seen:
+            self.error = exc.error
+            self.finished = True
+            return (self._immediate(exc.error),)
+        self._log_failure(exc)
+        self.error = exc
+        if self.plan.route.failure_policy == "fail_open" and not self.altered:
+            # Nothing the chain made has reached Envoy yet: let the rest through untouched.
+            self.bypass = True
+            await self.close_plugins(exc)
+            return await self._dispatch(kind, req)
+        raise StreamFailed(str(exc)) from exc
+
+    def _immediate(self, reject: Reject) -> pb.ProcessingResponse:
+        headers = Headers()
+        for name, value in reject.headers.items():
+            headers.set(name, value)
+        immediate = pb.ImmediateResponse(status=http_status_pb2.HttpStatus(code=reject.status), body=reject.body)
+        mutation = header_mutation(headers)
+        if mutation is not None:
+            immediate.headers.CopyFrom(mutation)
+        return pb.ProcessingResponse(immediate_response=immediate)
+
+    def incomplete(self) -> str | None:
+        """Which body was cut short, if any."""
+        for d in (self.request, self.response):
+            if (d.body_expected or d.body_seen) and not d.ended:
+                return f"the {d.name} body ended before it was complete"
+        return None
+
+    async def close_plugins(self, error: BaseException | None) -> None:
+        """Close every plugin exactly once (safe to call again)."""
+        if self.chain is None:
+            return
+
+        def report(plugin: str, close_error: BaseException) -> None:
+            log.error(
+                "stream %s route %s: plugin '%s' failed in close: %s",
+                self.stream_id,
+                self.route_name,
+                plugin,
+                close_error,
+                exc_info=close_error,
+            )
+
+        await self.chain.close(error, report)
+
+    async def finish(self, error: BaseException | None) -> BaseException | None:
+        """The gRPC stream is over: decide how it ended and close the plugins. Returns the error."""
+        if self.error is not None:  # the plugin error behind a StreamFailed, or a Reject
+            error = self.error
+        if error is None and not self.finished:
+            cut = self.incomplete()
+            if cut:
+                error = StreamAborted(cut)
+        await self.close_plugins(error)
+        return error

@@ -1,0 +1,92 @@
+"""The gRPC side: a grpc.aio server whose ExternalProcessor/Process runs one StreamProcessor per stream."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import signal
+from collections.abc import AsyncIterator
+
+import grpc
+import pluggy
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+from .processor import Router, StreamAborted, StreamFailed, StreamProcessor
+from .settings import Settings, parse_listen
+
+log = logging.getLogger("extproc_host.server")
+
+
+class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
+    """``envoy.service.ext_proc.v3.ExternalProcessor``: one Process call per HTTP exchange."""
+
+    def __init__(self, router: Router, pm: pluggy.PluginManager | None = None) -> None:
+        self.router = router
+        self.pm = pm
+        self._ids = itertools.count(1)
+        self._announce = pm is not None and bool(pm.hook.stream_finished.get_hookimpls())
+
+    async def Process(
+        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        stream = StreamProcessor(self.router, str(next(self._ids)))
+        error: BaseException | None = None
+        try:
+            async for request in request_iterator:
+                responses = await stream.handle(request)
+                if not request.observability_mode:
+                    for response in responses:
+                        yield response
+                if stream.finished:
+                    break
+        except StreamFailed as exc:
+            error = exc
+            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
+        except asyncio.CancelledError:
+            error = StreamAborted("Envoy cancelled the stream (client or upstream went away)")
+            raise
+        finally:
+            error = await stream.finish(error)
+            if error is not None and not isinstance(error, StreamFailed):
+                log.debug("stream %s route %s ended: %s", stream.stream_id, stream.route_name, error)
+            if self._announce and stream.info is not None:
+                self.pm.hook.stream_finished(stream=stream.info, error=error)
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    limit = settings.server.max_message_bytes
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        # Fail loudly when the port is taken instead of silently sharing it.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+async def serve(settings: Settings, router: Router, pm: pluggy.PluginManager, listen: str | None = None) -> None:
+    """Run until SIGTERM/SIGINT; prints ``extproc-host listening on HOST:PORT`` once bound."""
+    address = listen or settings.server.listen
+    host, port = parse_listen(address)
+    server = grpc.aio.server(options=server_options(settings))
+    pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(router, pm), server)
+    bind_host = f"[{host}]" if ":" in host else host
+    try:
+        bound = server.add_insecure_port(f"{bind_host}:{port}")
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {address}: {exc}") from None
+    if bound == 0:
+        raise OSError(f"cannot listen on {address} (address in use or not available)")
+    await server.start()
+    pm.hook.host_started(settings=settings)
+    print(f"extproc-host listening on {bind_host}:{bound}", flush=True)
+    log.info("serving routes %s on %s:%s", ", ".join(router.plans), bind_host, bound)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down (grace %.1fs)", settings.server.grace_seconds)
+    await server.stop(settings.server.grace_seconds)

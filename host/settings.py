@@ -1,0 +1,155 @@
+"""Settings: a TOML file read with pydantic-settings, with ``EXTPROC_`` environment overrides.
+
+    [server]
+    listen = "127.0.0.1:9001"
+
+    [routes.default]
+    chain = ["passthrough"]
+
+    [plugins.file_tee]          # a plugin's settings, validated by the plugin's own model
+    directory = "temp"
+
+    [routes.upload.plugins.file_tee]   # overrides for one route
+    directory = "uploads"
+
+Environment variables override the file: ``EXTPROC_SERVER__LISTEN=0.0.0.0:9001``.
+Every problem is raised as :class:`ConfigError`, which names the file and the key.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+DEFAULT_LISTEN = "127.0.0.1:9001"
+
+_toml_file: ContextVar[Path | None] = ContextVar("_toml_file", default=None)
+
+
+class ConfigError(Exception):
+    """A settings problem, worded for the person who wrote the file."""
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[::1]:9001`` for IPv6) into host and port."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+class ServerSettings(BaseModel):
+    """``[server]``: where and how the gRPC server listens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    listen: str = DEFAULT_LISTEN
+    max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=4 * 1024 * 1024)
+    grace_seconds: float = Field(default=10.0, ge=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+
+class RouteSettings(BaseModel):
+    """``[routes.<name>]``: the plugin chain and failure policy for one Envoy route."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    chain: list[str] = Field(min_length=1)
+    failure_policy: Literal["fail_closed", "fail_open"] = "fail_closed"
+    path_prefix: str | None = None
+    plugins: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError("must start with '/'")
+        return value
+
+
+class Settings(BaseSettings):
+    """The whole settings file."""
+
+    model_config = SettingsConfigDict(env_prefix="EXTPROC_", env_nested_delimiter="__", extra="forbid")
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    routes: dict[str, RouteSettings] = Field(default_factory=lambda: {"default": RouteSettings(chain=["passthrough"])})
+    plugins: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _toml_file.get()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+
+def format_location(loc: tuple[Any, ...]) -> str:
+    """``("routes", "x", "chain", 0)`` -> ``routes.x.chain[0]``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def describe_validation_error(source: str, error: ValidationError, prefix: tuple[Any, ...] = ()) -> str:
+    """One readable paragraph for a pydantic error: file, key and problem for each."""
+    lines = []
+    for item in error.errors():
+        key = format_location(prefix + tuple(item["loc"]))
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        env_name = "EXTPROC_" + "__".join(str(p) for p in prefix + tuple(item["loc"]) if not isinstance(p, int)).upper()
+        origin = f" (set by environment variable {env_name})" if env_name in os.environ else ""
+        lines.append(f"{source}: key '{key}'{origin}: {message}")
+    return "\n".join(lines)
+
+
+def load_settings(path: str | Path | None) -> Settings:
+    """Read ``path`` (or defaults only, when None) plus the environment; ConfigError on any problem."""
+    source = str(path) if path is not None else "environment"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{source}: settings file not found")
+        try:
+            with path.open("rb") as fh:
+                tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+    token = _toml_file.set(path)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(source, exc)) from None
+    finally:
+        _toml_file.reset(token)
+    return settings
