@@ -42,7 +42,7 @@ def _load(config: str | None):
     from .registry import build_routes, discover, make_plugin_manager
 
     settings = load_settings(config)
-    pm = make_plugin_manager()
+    pm = make_plugin_manager(modules=settings.server.plugin_modules, source=config or "environment")
     plugins = discover(pm)
     routes = build_routes(settings, plugins, config or "environment")
     return settings, pm, routes

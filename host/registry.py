@@ -7,6 +7,7 @@ entry-point group, loaded by pluggy. Each module registers its plugin classes th
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -54,12 +55,22 @@ class Route:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-def make_plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
-    """The one PluginManager: hookspecs added, entry points loaded, tracing if asked for."""
+def make_plugin_manager(
+    load_entry_points: bool = True, modules: list[str] | None = None, source: str = "settings"
+) -> pluggy.PluginManager:
+    """The one PluginManager: hookspecs added, entry points and ``modules`` loaded, tracing if asked for."""
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     if load_entry_points:
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    for index, name in enumerate(modules or ()):
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigError(f"{source}: key 'server.plugin_modules[{index}]': cannot import '{name}': {exc}") from None
+        if pm.is_registered(module):
+            continue
+        pm.register(module, name=name)
     if os.environ.get("EXTPROC_TRACE_HOOKS"):
         trace = logging.getLogger("extproc_host.hooks")
 

@@ -53,6 +53,8 @@ class ServerSettings(BaseModel):
     max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=4 * 1024 * 1024)
     grace_seconds: float = Field(default=10.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Modules to load as plugins without installing them (development, tests).
+    plugin_modules: list[str] = Field(default_factory=list)
 
     @field_validator("listen")
     @classmethod

@@ -1,0 +1,35 @@
+# Everything runs from the virtual environment .venv at the repo root, created on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: venv demo test test-unit test-e2e bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+## make demo: Envoy + echo upstream + host on free ports, uploads through every body mode, prints what happened.
+demo: venv
+	$(VENV)/bin/extproc-host demo
+
+## make test: unit tests, then end-to-end tests against a real Envoy.
+test: venv
+	$(VENV)/bin/python -m pytest -q -ra
+
+test-unit: venv
+	$(VENV)/bin/python -m pytest -q -ra tests/unit
+
+test-e2e: venv
+	$(VENV)/bin/python -m pytest -q -ra tests/e2e
+
+## make bench: side-by-side benchmark (direct Envoy, minimal passthrough, host); needs wrk (apt-get install wrk).
+bench: venv
+	$(VENV)/bin/python benchmarks/run.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info
