@@ -10,7 +10,7 @@ from importlib.metadata import version
 
 from .settings import ConfigError, load_settings, parse_listen
 
-COMMANDS = ("serve", "plugins", "check", "echo")
+COMMANDS = ("serve", "plugins", "check", "echo", "demo")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
 
     echo = sub.add_parser("echo", help="run the echo upstream (streams every request body back)")
     echo.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT (default 127.0.0.1:8080)")
+    demo = sub.add_parser("demo", help="start Envoy + echo + host on free ports and upload through every body mode")
+    demo.add_argument("--size-mib", type=int, default=16, help="size of the uploaded body (default 16)")
     return parser
 
 
@@ -102,6 +104,12 @@ def _echo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run
+
+    return run(size_mib=args.size_mib)
+
+
 def _configure_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper()),
@@ -115,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "serve")
     args = _parser().parse_args(argv)
-    handler = {"serve": _serve, "check": _check, "plugins": _plugins, "echo": _echo}[args.command]
+    handler = {"serve": _serve, "check": _check, "plugins": _plugins, "echo": _echo, "demo": _demo}[args.command]
     try:
         return handler(args)
     except ConfigError as exc:
