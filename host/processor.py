@@ -52,6 +52,17 @@ _CONTINUE = {
 }
 _NOTHING: tuple[pb.ProcessingResponse, ...] = ()
 
+# Largest full-duplex chunk sent back to Envoy: what Envoy itself sends (its 1 MiB buffer
+# limit); a plugin that emits more at once is answered in several chunks.
+MAX_STREAMED_CHUNK = 1024 * 1024
+
+
+def _streamed(kind: str, body: bytes, end: bool) -> pb.ProcessingResponse:
+    """A full-duplex body answer: ``body`` goes on as is, ``end`` closes the body."""
+    streamed = pb.StreamedBodyResponse(body=body, end_of_stream=end)
+    mutation = pb.BodyMutation(streamed_response=streamed)
+    return pb.ProcessingResponse(**{kind: pb.BodyResponse(response=pb.CommonResponse(body_mutation=mutation))})
+
 
 class StreamAborted(Exception):
     """The exchange ended before a body it had started was complete (client gone, reset)."""
@@ -123,7 +134,6 @@ class Direction:
     body_expected: bool = False
     body_seen: bool = False
     ended: bool = False
-    content_length_known: bool = False
 
 
 @dataclass
@@ -215,7 +225,6 @@ class StreamProcessor:
         if chain is None or not self.plan.touches(hook):
             return _CONTINUE[kind]
         headers = Headers(header_items(msg.headers))
-        d.content_length_known = "content-length" in headers
         if d is self.request:
             self.info.request_headers = headers
         else:
@@ -243,11 +252,11 @@ class StreamProcessor:
         if mode == FULL_DUPLEX:
             if out is not chunk:
                 self.altered = True
+            if len(out) > MAX_STREAMED_CHUNK:
+                return self._streamed_pieces(kind, out, end)
             if not out and not end:
                 return _NOTHING
-            streamed = pb.StreamedBodyResponse(body=out, end_of_stream=end)
-            body_response = pb.BodyResponse(response=pb.CommonResponse(body_mutation=pb.BodyMutation(streamed_response=streamed)))
-            return (pb.ProcessingResponse(**{kind: body_response}),)
+            return (_streamed(kind, out, end),)
         if out is chunk:
             return _CONTINUE[kind]
         self.altered = True
@@ -269,16 +278,7 @@ class StreamProcessor:
             if d.mode == FULL_DUPLEX:
                 if tail:
                     self.altered = True
-                    streamed = pb.StreamedBodyResponse(body=tail, end_of_stream=False)
-                    out.append(
-                        pb.ProcessingResponse(
-                            **{
-                                f"{d.name}_body": pb.BodyResponse(
-                                    response=pb.CommonResponse(body_mutation=pb.BodyMutation(streamed_response=streamed))
-                                )
-                            }
-                        )
-                    )
+                    out.extend(self._streamed_pieces(f"{d.name}_body", tail, False))
             elif tail:
                 raise PluginError(
                     "(host)",
@@ -300,6 +300,15 @@ class StreamProcessor:
             self.altered = True
             out.append(pb.ProcessingResponse(**{kind: pb.TrailersResponse(header_mutation=mutation)}))
         return out
+
+    @staticmethod
+    def _streamed_pieces(kind: str, data: bytes, end: bool) -> list[pb.ProcessingResponse]:
+        """``data`` as full-duplex chunks of at most MAX_STREAMED_CHUNK; ``end`` on the last."""
+        size = len(data)
+        return [
+            _streamed(kind, data[start : start + MAX_STREAMED_CHUNK], end and start + MAX_STREAMED_CHUNK >= size)
+            for start in range(0, size, MAX_STREAMED_CHUNK)
+        ]
 
     def _log_failure(self, exc: PluginError) -> None:
         log.error(

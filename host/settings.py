@@ -50,7 +50,8 @@ class ServerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     listen: str = DEFAULT_LISTEN
-    max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=4 * 1024 * 1024)
+    # Above the largest BUFFERED body Envoy may send (envoy/full_duplex.yaml allows 64 MiB).
+    max_message_bytes: int = Field(default=128 * 1024 * 1024, ge=4 * 1024 * 1024)
     grace_seconds: float = Field(default=10.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Modules to load as plugins without installing them (development, tests).

@@ -172,7 +172,16 @@ class NotBytes(Plugin):
         pass
 
 
+class Burst(Plugin):
+    """Emits 3 MiB + 1 byte at the end of the request body (a plugin flushing a lot at once)."""
+
+    name = "burst"
+
+    def on_request_body_end(self) -> bytes:
+        return b"z" * (3 * 1024 * 1024 + 1)
+
+
 @hookimpl
 def register_plugins(register):
-    for cls in (Upper, AsyncUpper, Hold, Split, Headers_, Fail, RejectLarge, Record, NotBytes):
+    for cls in (Upper, AsyncUpper, Hold, Split, Headers_, Fail, RejectLarge, Record, NotBytes, Burst):
         register(cls)

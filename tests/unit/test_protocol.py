@@ -72,6 +72,9 @@ chain = ["record", "passthrough"]
 
 [routes.not-bytes]
 chain = ["not_bytes"]
+
+[routes.burst]
+chain = ["burst"]
 """
 
 
@@ -299,7 +302,7 @@ async def test_reject_sends_an_immediate_response(envoy):
     assert imm.immediate_response.status.code == 413
     assert imm.immediate_response.body == b"too large"
     assert [(h.header.key, h.header.raw_value) for h in imm.immediate_response.headers.set_headers] == [("x-why", b"test")]
-    assert [e for e in sample_plugins.EVENTS if e[1] == "close"] == [(e[0], "close", "Reject") for e in sample_plugins.EVENTS if e[1] == "close"]
+    assert [e[1:] for e in sample_plugins.EVENTS if e[1] == "close"] == [("close", "Reject")]
 
 
 async def test_reset_mid_body_closes_plugins_with_an_error(envoy):
@@ -333,3 +336,11 @@ async def test_host_keeps_serving_after_failures(envoy):
     await envoy.converse([request_headers(route="fail-closed"), request_body(b"1"), request_body(b"2")])
     conv = await envoy.converse([request_headers(route="upper"), request_body(b"ok", end=True)])
     assert conv.code == grpc.StatusCode.OK and conv.streamed("request_body")[0] == b"OK"
+
+
+async def test_large_flush_goes_back_in_envoy_sized_chunks(envoy):
+    conv = await envoy.converse([request_headers(route="burst"), request_body(b"a"), request_body(b"b", end=True)])
+    pieces = [r.request_body.response.body_mutation.streamed_response for r in conv.of("request_body")]
+    assert [len(p.body) for p in pieces] == [1, 1024 * 1024, 1024 * 1024, 1024 * 1024, 2]
+    assert [p.end_of_stream for p in pieces] == [False, False, False, False, True]
+    assert b"".join(p.body for p in pieces) == b"a" + b"b" + b"z" * (3 * 1024 * 1024 + 1)
