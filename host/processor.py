@@ -58,10 +58,16 @@ MAX_STREAMED_CHUNK = 1024 * 1024
 
 
 def _streamed(kind: str, body: bytes, end: bool) -> pb.ProcessingResponse:
-    """A full-duplex body answer: ``body`` goes on as is, ``end`` closes the body."""
-    streamed = pb.StreamedBodyResponse(body=body, end_of_stream=end)
-    mutation = pb.BodyMutation(streamed_response=streamed)
-    return pb.ProcessingResponse(**{kind: pb.BodyResponse(response=pb.CommonResponse(body_mutation=mutation))})
+    """A full-duplex body answer: ``body`` goes on as is, ``end`` closes the body.
+
+    Built in place: with protobuf's upb backend, handing a message to a constructor copies
+    it, so nesting constructors would copy a 1 MiB chunk once per level.
+    """
+    response = pb.ProcessingResponse()
+    streamed = getattr(response, kind).response.body_mutation.streamed_response
+    streamed.body = body
+    streamed.end_of_stream = end
+    return response
 
 
 class StreamAborted(Exception):
@@ -260,11 +266,15 @@ class StreamProcessor:
         if out is chunk:
             return _CONTINUE[kind]
         self.altered = True
-        mutation = pb.BodyMutation(body=out) if out else pb.BodyMutation(clear_body=True)
-        common = pb.CommonResponse(body_mutation=mutation)
+        response = pb.ProcessingResponse()
+        common = getattr(response, kind).response  # built in place, see _streamed
+        if out:
+            common.body_mutation.body = out
+        else:
+            common.body_mutation.clear_body = True
         if mode == BUFFERED and len(out) != len(chunk):
             common.header_mutation.CopyFrom(header_mutation(Headers(), {"content-length": str(len(out))}))
-        return (pb.ProcessingResponse(**{kind: pb.BodyResponse(response=common)}),)
+        return (response,)
 
     async def _trailers(self, d: Direction, kind: str, trailer_map: base_pb2.HeaderMap) -> Sequence[pb.ProcessingResponse]:
         chain = self._active()
