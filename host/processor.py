@@ -172,6 +172,18 @@ class StreamProcessor:
         except PluginError as exc:
             return await self._plugin_failed(kind, req, exc)
 
+    def stream_info(self, first: pb.ProcessingRequest | None = None) -> StreamInfo:
+        """The StreamInfo plugins see, built on first use."""
+        if self.info is None:
+            self.info = StreamInfo(
+                stream_id=self.stream_id,
+                route=self.route_name,
+                request_body_mode=MODE_NAMES.get(self.request.mode, "NONE"),
+                response_body_mode=MODE_NAMES.get(self.response.mode, "NONE"),
+                attributes=dict(first.attributes) if first is not None and first.attributes else {},
+            )
+        return self.info
+
     def _start(self, req: pb.ProcessingRequest) -> None:
         if req.HasField("protocol_config"):
             self.request.mode = req.protocol_config.request_body_mode
@@ -181,23 +193,19 @@ class StreamProcessor:
             value = req.attributes[ATTRIBUTES_KEY].fields.get(ROUTE_ATTRIBUTE)
             if value is not None:
                 route_name = value.string_value
-        path = None
-        if self.router.prefixes and req.HasField("request_headers"):
-            for h in req.request_headers.headers.headers:
-                if h.key == ":path":
-                    path = h.raw_value.decode("latin-1") if h.raw_value else h.value
-                    break
-        self.plan = self.router.select(route_name, path)
-        self.info = StreamInfo(
-            stream_id=self.stream_id,
-            route=self.plan.route.name,
-            request_body_mode=MODE_NAMES.get(self.request.mode, "NONE"),
-            response_body_mode=MODE_NAMES.get(self.response.mode, "NONE"),
-            attributes={k: v for k, v in req.attributes.items()} if req.attributes else {},
-        )
-        if self.plan.has_any_hook:
+        plan = self.router.plans.get(route_name) if route_name else None
+        if plan is None:
+            path = None
+            if self.router.prefixes and req.HasField("request_headers"):
+                for h in req.request_headers.headers.headers:
+                    if h.key == ":path":
+                        path = h.raw_value.decode("latin-1") if h.raw_value else h.value
+                        break
+            plan = self.router.select(None, path)
+        self.plan = plan
+        if plan.has_any_hook:  # a chain that does nothing needs no StreamInfo and no instances
             try:
-                self.chain = Chain(self.plan, self.info)
+                self.chain = Chain(plan, self.stream_info(req))
             except PluginError as exc:
                 self._log_failure(exc)
                 self.error = exc

@@ -51,8 +51,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             error = await stream.finish(error)
             if error is not None and not isinstance(error, StreamFailed):
                 log.debug("stream %s route %s ended: %s", stream.stream_id, stream.route_name, error)
-            if self._announce and stream.info is not None:
-                self.pm.hook.stream_finished(stream=stream.info, error=error)
+            if self._announce and stream.plan is not None:
+                self.pm.hook.stream_finished(stream=stream.stream_info(), error=error)
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
