@@ -61,8 +61,14 @@ def _serve(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise ConfigError(f"--listen: {exc}") from None
     _configure_logging(args.log_level or settings.server.log_level)
+    loop_factory = None
+    if settings.server.event_loop == "uvloop":
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
     try:
-        asyncio.run(serve(settings, Router(routes), pm, args.listen))
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(serve(settings, Router(routes), pm, args.listen))
     except OSError as exc:
         print(f"extproc-host: {exc}", file=sys.stderr)
         return 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import logging
 import signal
@@ -45,7 +46,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             error = exc
             await context.abort(grpc.StatusCode.INTERNAL, str(exc))
         except asyncio.CancelledError:
-            error = StreamAborted("Envoy cancelled the stream (client or upstream went away)")
+            # Envoy resets the stream when it is done with it, too: only a cut body is an error.
+            cut = stream.incomplete()
+            error = StreamAborted(f"{cut}: Envoy cancelled the stream (client or upstream went away)") if cut else None
             raise
         finally:
             error = await stream.finish(error)
@@ -80,6 +83,9 @@ async def serve(settings: Settings, router: Router, pm: pluggy.PluginManager, li
         raise OSError(f"cannot listen on {address} (address in use or not available)")
     await server.start()
     pm.hook.host_started(settings=settings)
+    # Everything loaded so far lives as long as the process: keep it out of every collection.
+    gc.collect()
+    gc.freeze()
     print(f"extproc-host listening on {bind_host}:{bound}", flush=True)
     log.info("serving routes %s on %s:%s", ", ".join(router.plans), bind_host, bound)
 

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
+
+from extproc_host.processor import Router
+from extproc_host.registry import build_routes, discover, make_plugin_manager
+from extproc_host.server import ExternalProcessor
+from extproc_host.settings import load_settings
 
 from . import sample_plugins
 from .fake_envoy import (
@@ -344,3 +351,56 @@ async def test_large_flush_goes_back_in_envoy_sized_chunks(envoy):
     assert [len(p.body) for p in pieces] == [1, 1024 * 1024, 1024 * 1024, 1024 * 1024, 2]
     assert [p.end_of_stream for p in pieces] == [False, False, False, False, True]
     assert b"".join(p.body for p in pieces) == b"a" + b"b" + b"z" * (3 * 1024 * 1024 + 1)
+
+
+async def wait_for_close(count: int = 1) -> list[tuple]:
+    for _ in range(200):
+        closes = [e for e in sample_plugins.EVENTS if e[1] == "close"]
+        if len(closes) >= count:
+            return closes
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no close after cancel: {sample_plugins.EVENTS}")
+
+
+async def cancel_after_responses(config, messages, count):
+    """Run the servicer's Process as grpc.aio does, then cancel its task (Envoy's reset)
+    once ``count`` responses are out and the request stream is still open."""
+    settings = load_settings(config)
+    pm = make_plugin_manager()
+    pm.register(sample_plugins)
+    servicer = ExternalProcessor(Router(build_routes(settings, discover(pm), config)), pm)
+
+    async def requests():
+        for message in messages:
+            yield message
+        await asyncio.Event().wait()
+
+    got = []
+
+    async def drive():
+        async for response in servicer.Process(requests(), context=None):
+            got.append(response)
+
+    task = asyncio.create_task(drive())
+    for _ in range(200):
+        if len(got) >= count:
+            break
+        await asyncio.sleep(0.005)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    return got
+
+
+async def test_envoy_cancelling_a_finished_exchange_is_not_an_error(config):
+    sample_plugins.EVENTS.clear()
+    msgs = [request_headers(route="record"), request_body(b"1", end=True), response_headers(), response_body(b"2", end=True)]
+    assert len(await cancel_after_responses(config, msgs, 4)) == 4
+    assert [e[1:] for e in sample_plugins.EVENTS if e[1] == "close"] == [("close", None)]
+
+
+async def test_envoy_cancelling_mid_body_is_an_abort(config):
+    sample_plugins.EVENTS.clear()
+    msgs = [request_headers(route="record"), request_body(b"1"), request_body(b"2")]
+    assert len(await cancel_after_responses(config, msgs, 3)) == 3
+    assert [e[1:] for e in sample_plugins.EVENTS if e[1] == "close"] == [("close", "StreamAborted")]
