@@ -23,6 +23,8 @@ from collections.abc import Iterator
 
 from aiohttp import web
 
+from .settings import parse_listen
+
 #: aiohttp's read buffer per connection. It stops reading the socket at twice this much
 #: unread data. 1 MiB reads moved 10 x 70 MiB through Envoy at ~1.5x the rate of 64 KiB reads.
 READ_BUFSIZE = 1024 * 1024
@@ -112,16 +114,8 @@ def make_app() -> web.Application:
     return app
 
 
-def _split_listen(listen: str) -> tuple[str, int]:
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"listen address must be HOST:PORT, got {listen!r}")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
-
-
 async def _serve(listen: str) -> None:
-    host, port = _split_listen(listen)
+    host, port = parse_listen(listen)
     runner = web.AppRunner(make_app(), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
