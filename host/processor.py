@@ -235,14 +235,17 @@ class StreamProcessor:
         d.ended = msg.end_of_stream
         d.body_expected = not msg.end_of_stream and d.mode != NONE
         chain = self._active()
-        hook = "on_request_headers" if d is self.request else "on_response_headers"
-        if chain is None or not self.plan.touches(hook):
+        if chain is None:
             return _CONTINUE[kind]
+        # Plugins with hooks see both header blocks in StreamInfo, whichever hooks they have.
         headers = Headers(header_items(msg.headers))
         if d is self.request:
             self.info.request_headers = headers
         else:
             self.info.response_headers = headers
+        hook = "on_request_headers" if d is self.request else "on_response_headers"
+        if not self.plan.touches(hook):
+            return _CONTINUE[kind]
         await chain.headers(hook, headers)
         mutation = header_mutation(headers)
         if mutation is None:

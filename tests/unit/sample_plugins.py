@@ -181,7 +181,16 @@ class Burst(Plugin):
         return b"z" * (3 * 1024 * 1024 + 1)
 
 
+class EchoHeader(Plugin):
+    """Has no header hooks, yet reads the request headers from StreamInfo in a body hook."""
+
+    name = "echo_header"
+
+    def on_response_body(self, chunk: bytes) -> bytes:
+        return self.stream.request_headers.get("x-tag", "?").encode() + chunk
+
+
 @hookimpl
 def register_plugins(register):
-    for cls in (Upper, AsyncUpper, Hold, Split, Headers_, Fail, RejectLarge, Record, NotBytes, Burst):
+    for cls in (Upper, AsyncUpper, Hold, Split, Headers_, Fail, RejectLarge, Record, NotBytes, Burst, EchoHeader):
         register(cls)

@@ -82,6 +82,9 @@ chain = ["not_bytes"]
 
 [routes.burst]
 chain = ["burst"]
+
+[routes.echo-header]
+chain = ["echo_header"]
 """
 
 
@@ -404,3 +407,11 @@ async def test_envoy_cancelling_mid_body_is_an_abort(config):
     msgs = [request_headers(route="record"), request_body(b"1"), request_body(b"2")]
     assert len(await cancel_after_responses(config, msgs, 3)) == 3
     assert [e[1:] for e in sample_plugins.EVENTS if e[1] == "close"] == [("close", "StreamAborted")]
+
+
+async def test_request_headers_are_in_stream_info_without_a_header_hook(envoy):
+    conv = await envoy.converse(
+        [request_headers(route="echo-header", extra={"x-tag": "T"}), request_body(b"", end=True), response_headers(),
+         response_body(b"body", end=True)]
+    )
+    assert conv.streamed("response_body")[0] == b"Tbody"
