@@ -9,7 +9,7 @@ it, so a chain of plugins that leave bodies alone moves bytes without touching t
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +80,42 @@ async def _call(fn: Callable[..., Any], is_async: bool, *args: Any) -> Any:
     return result
 
 
+def _is_stream(value: Any) -> bool:
+    """An iterator of pieces (sync or async) rather than one bytes-like value."""
+    return hasattr(value, "__aiter__") or (
+        hasattr(value, "__iter__") and not isinstance(value, (bytes, bytearray, memoryview, str))
+    )
+
+
+async def _pieces(value: Any, plugin: str, hook: str) -> AsyncIterator[bytes]:
+    """A hook's answer (bytes, or a sync or async iterator of bytes) as non-empty pieces."""
+    try:
+        if hasattr(value, "__aiter__"):
+            async for piece in value:
+                piece = _as_bytes(piece, plugin, hook)
+                if piece:
+                    yield piece
+        elif _is_stream(value):
+            for piece in value:
+                piece = _as_bytes(piece, plugin, hook)
+                if piece:
+                    yield piece
+        else:
+            piece = _as_bytes(value, plugin, hook)
+            if piece:
+                yield piece
+    except PluginError:
+        raise
+    except Exception as exc:
+        raise PluginError(plugin, hook, exc) from exc
+
+
+async def _concat(*streams: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    for stream in streams:
+        async for piece in stream:
+            yield piece
+
+
 def _as_bytes(value: Any, plugin: str, hook: str) -> bytes:
     if type(value) is bytes:
         return value
@@ -113,29 +149,72 @@ class Chain:
             except Exception as exc:
                 raise PluginError(plugin.name, hook, exc) from exc
 
-    async def body(self, direction: str, chunk: bytes, end: bool) -> bytes:
-        """Feed one chunk (and, when ``end``, the flushes) through the chain; return its output."""
+    async def _invoke(self, plugin: Plugin, hook: str, is_async: bool, *args: bytes) -> Any:
+        try:
+            return await _call(getattr(plugin, hook), is_async, *args)
+        except Exception as exc:
+            raise PluginError(plugin.name, hook, exc) from exc
+
+    async def body(self, direction: str, chunk: bytes, end: bool) -> bytes | AsyncIterator[bytes]:
+        """Feed one chunk (and, when ``end``, the flushes) through the chain; return its output.
+
+        The output is ``bytes``, or an async iterator of pieces once a plugin answered with an
+        iterator (output too large to hold at once); later plugins then get it piece by piece.
+        """
         body_hook, end_hook = BODY_HOOKS[direction]
         data = chunk
-        for index, body_async, end_async in self.plan.body_stages[direction]:
+        stages = self.plan.body_stages[direction]
+        for position, (index, body_async, end_async) in enumerate(stages):
             plugin = self.plugins[index]
             if data and body_async is not None:
-                try:
-                    data = _as_bytes(await _call(getattr(plugin, body_hook), body_async, data), plugin.name, body_hook)
-                except PluginError:
-                    raise
-                except Exception as exc:
-                    raise PluginError(plugin.name, body_hook, exc) from exc
+                result = await self._invoke(plugin, body_hook, body_async, data)
+                if type(result) is not bytes:
+                    if _is_stream(result):
+                        return self._stream(direction, position, _pieces(result, plugin.name, body_hook), end)
+                    result = _as_bytes(result, plugin.name, body_hook)
+                data = result
             if end and end_async is not None:
-                try:
-                    tail = _as_bytes(await _call(getattr(plugin, end_hook), end_async), plugin.name, end_hook)
-                except PluginError:
-                    raise
-                except Exception as exc:
-                    raise PluginError(plugin.name, end_hook, exc) from exc
+                tail = await self._invoke(plugin, end_hook, end_async)
+                if type(tail) is not bytes:
+                    if _is_stream(tail):
+                        head = _pieces(data, plugin.name, body_hook)
+                        pieces = _concat(head, _pieces(tail, plugin.name, end_hook))
+                        return self._stream(direction, position, pieces, end, ended=True)
+                    tail = _as_bytes(tail, plugin.name, end_hook)
                 if tail:
                     data = data + tail if data else tail
         return data
+
+    def _stream(
+        self, direction: str, position: int, pieces: AsyncIterator[bytes], end: bool, ended: bool = False
+    ) -> AsyncIterator[bytes]:
+        """The rest of the chain from stage ``position`` on, as generators fed piece by piece."""
+        stages = self.plan.body_stages[direction]
+        index, _, end_async = stages[position]
+        stream = self._stage(direction, self.plugins[index], None, None if ended else end_async, pieces, end)
+        for index, body_async, end_async in stages[position + 1 :]:
+            stream = self._stage(direction, self.plugins[index], body_async, end_async, stream, end)
+        return stream
+
+    async def _stage(
+        self,
+        direction: str,
+        plugin: Plugin,
+        body_async: bool | None,
+        end_async: bool | None,
+        upstream: AsyncIterator[bytes],
+        end: bool,
+    ) -> AsyncIterator[bytes]:
+        body_hook, end_hook = BODY_HOOKS[direction]
+        async for data in upstream:
+            if body_async is None:
+                yield data
+                continue
+            async for piece in _pieces(await self._invoke(plugin, body_hook, body_async, data), plugin.name, body_hook):
+                yield piece
+        if end and end_async is not None:
+            async for piece in _pieces(await self._invoke(plugin, end_hook, end_async), plugin.name, end_hook):
+                yield piece
 
     async def close(self, error: BaseException | None, on_error: Callable[[str, BaseException], None]) -> None:
         """Call every plugin's ``close`` exactly once; a failing close is reported, not raised."""

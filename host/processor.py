@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from envoy.config.core.v3 import base_pb2
@@ -68,6 +68,10 @@ def _streamed(kind: str, body: bytes, end: bool) -> pb.ProcessingResponse:
     streamed.body = body
     streamed.end_of_stream = end
     return response
+
+
+async def _join(pieces: AsyncIterator[bytes]) -> bytes:
+    return b"".join([piece async for piece in pieces])
 
 
 class StreamAborted(Exception):
@@ -162,8 +166,11 @@ class StreamProcessor:
     def route_name(self) -> str:
         return self.plan.route.name if self.plan else "?"
 
-    async def handle(self, req: pb.ProcessingRequest) -> Sequence[pb.ProcessingResponse]:
-        """The responses for one request (none, one, or several in full-duplex mode)."""
+    async def handle(
+        self, req: pb.ProcessingRequest
+    ) -> Sequence[pb.ProcessingResponse] | AsyncIterator[pb.ProcessingResponse]:
+        """The responses for one request: none, one, several, or (full-duplex output too large
+        to hold at once) an async iterator of them."""
         if self.plan is None:
             self._start(req)
         kind = req.WhichOneof("request")
@@ -215,9 +222,9 @@ class StreamProcessor:
 
     async def _dispatch(self, kind: str | None, req: pb.ProcessingRequest) -> Sequence[pb.ProcessingResponse]:
         if kind == "request_body":
-            return await self._body(self.request, kind, req.request_body)
+            return await self._body(self.request, kind, req.request_body, req)
         if kind == "response_body":
-            return await self._body(self.response, kind, req.response_body)
+            return await self._body(self.response, kind, req.response_body, req)
         if kind == "request_headers":
             return await self._headers(self.request, kind, req.request_headers)
         if kind == "response_headers":
@@ -253,7 +260,9 @@ class StreamProcessor:
         self.altered = True
         return (pb.ProcessingResponse(**{kind: pb.HeadersResponse(response=pb.CommonResponse(header_mutation=mutation))}),)
 
-    async def _body(self, d: Direction, kind: str, msg: pb.HttpBody) -> Sequence[pb.ProcessingResponse]:
+    async def _body(
+        self, d: Direction, kind: str, msg: pb.HttpBody, req: pb.ProcessingRequest
+    ) -> Sequence[pb.ProcessingResponse] | AsyncIterator[pb.ProcessingResponse]:
         chunk = msg.body
         mode = d.mode
         # BUFFERED sends the whole body in one message, even when trailers follow.
@@ -266,6 +275,11 @@ class StreamProcessor:
             out = chunk
         if end:
             d.ended = True
+        if type(out) is not bytes:  # a plugin answered with a stream of pieces
+            self.altered = True
+            if mode == FULL_DUPLEX:
+                return self._streamed_from(kind, req, out, end)
+            out = await _join(out)  # the other modes answer a chunk with one message
         if mode == FULL_DUPLEX:
             if out is not chunk:
                 self.altered = True
@@ -296,6 +310,8 @@ class StreamProcessor:
             tail = b""
             if chain is not None and self.plan.touches_body(d.name):
                 tail = await chain.body(d.name, b"", True)
+                if type(tail) is not bytes:
+                    tail = await _join(tail)
             if d.mode == FULL_DUPLEX:
                 if tail:
                     self.altered = True
@@ -321,6 +337,21 @@ class StreamProcessor:
             self.altered = True
             out.append(pb.ProcessingResponse(**{kind: pb.TrailersResponse(header_mutation=mutation)}))
         return out
+
+    async def _streamed_from(
+        self, kind: str, req: pb.ProcessingRequest, pieces: AsyncIterator[bytes], end: bool
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        """Full-duplex answers for a stream of pieces, sent as they come (bounded memory)."""
+        try:
+            async for piece in pieces:
+                for response in self._streamed_pieces(kind, piece, False):
+                    yield response
+        except PluginError as exc:
+            for response in await self._plugin_failed(kind, req, exc):
+                yield response
+            return
+        if end:
+            yield _streamed(kind, b"", True)
 
     @staticmethod
     def _streamed_pieces(kind: str, data: bytes, end: bool) -> list[pb.ProcessingResponse]:

@@ -37,9 +37,14 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         try:
             async for request in request_iterator:
                 responses = await stream.handle(request)
-                if not request.observability_mode:
-                    for response in responses:
-                        yield response
+                if type(responses) is tuple or type(responses) is list:
+                    if not request.observability_mode:
+                        for response in responses:
+                            yield response
+                else:  # a plugin's output streamed piece by piece
+                    async for response in responses:
+                        if not request.observability_mode:
+                            yield response
                 if stream.finished:
                     break
         except StreamFailed as exc:

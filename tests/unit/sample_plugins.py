@@ -190,7 +190,33 @@ class EchoHeader(Plugin):
         return self.stream.request_headers.get("x-tag", "?").encode() + chunk
 
 
+class Pieces(Plugin):
+    """Answers with iterators: each request chunk as an async stream of two halves, and a
+    sync generator of three pieces at the end (or a failure after the first, if asked)."""
+
+    name = "pieces"
+
+    async def on_request_body(self, chunk: bytes):
+        async def halves():
+            middle = len(chunk) // 2
+            yield chunk[:middle]
+            yield chunk[middle:]
+
+        return halves()
+
+    def on_request_body_end(self):
+        def tail():
+            yield b"x"
+            if self.stream.request_headers.get("x-break"):
+                raise ValueError("broken stream")
+            yield b""
+            yield b"y"
+            yield b"z" * (2 * 1024 * 1024)
+
+        return tail()
+
+
 @hookimpl
 def register_plugins(register):
-    for cls in (Upper, AsyncUpper, Hold, Split, Headers_, Fail, RejectLarge, Record, NotBytes, Burst, EchoHeader):
+    for cls in (Upper, AsyncUpper, Hold, Split, Headers_, Fail, RejectLarge, Record, NotBytes, Burst, EchoHeader, Pieces):
         register(cls)

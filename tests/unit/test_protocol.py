@@ -85,6 +85,9 @@ chain = ["burst"]
 
 [routes.echo-header]
 chain = ["echo_header"]
+
+[routes.pieces-upper]
+chain = ["pieces", "upper"]
 """
 
 
@@ -415,3 +418,33 @@ async def test_request_headers_are_in_stream_info_without_a_header_hook(envoy):
          response_body(b"body", end=True)]
     )
     assert conv.streamed("response_body")[0] == b"Tbody"
+
+
+async def test_iterator_answers_stream_through_the_rest_of_the_chain(envoy):
+    conv = await envoy.converse(
+        [request_headers(route="pieces-upper"), request_body(b"abcd"), request_body(b"ef", end=True)]
+    )
+    pieces = [r.request_body.response.body_mutation.streamed_response for r in conv.of("request_body")]
+    body = b"".join(p.body for p in pieces)
+    assert body == b"ABCDEFXY" + b"Z" * (2 * 1024 * 1024)
+    assert [p.end_of_stream for p in pieces].count(True) == 1 and pieces[-1].end_of_stream
+    assert max(len(p.body) for p in pieces) <= 1024 * 1024
+
+
+async def test_iterator_answers_are_joined_in_streamed_mode(envoy):
+    conv = await envoy.converse(
+        [request_headers(route="pieces-upper", request_mode=STREAMED), request_body(b"ab"), request_body(b"c", end=True)]
+    )
+    first, last = [r.request_body.response.body_mutation for r in conv.of("request_body")]
+    assert first.body == b"AB"
+    assert last.body == b"CXY" + b"Z" * (2 * 1024 * 1024)
+
+
+async def test_iterator_failing_midway_fails_the_stream(envoy):
+    conv = await envoy.converse(
+        [request_headers(route="pieces-upper", extra={"x-break": "1"}), request_body(b"ab", end=True)]
+    )
+    assert conv.code == grpc.StatusCode.INTERNAL
+    assert "plugin 'pieces' failed in on_request_body_end" in conv.details
+    # What went out before the failure is never followed by an end of stream.
+    assert True not in conv.streamed("request_body")[1]
