@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-unit test-e2e bench clean
+.PHONY: venv demo test test-unit test-e2e bench bench-plugins clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,13 @@ test-e2e: venv
 ## make bench: side-by-side benchmark (direct Envoy, minimal passthrough, host); needs wrk (apt-get install wrk).
 bench: venv
 	$(VENV)/bin/python benchmarks/run.py $(ARGS)
+
+## make bench-plugins: uploads through the host with passthrough vs with file_tee, zstd and replace.
+bench-plugins: venv
+	$(VENV)/bin/python benchmarks/run.py --setups host --only upload \
+		--plugin file_tee=benchmarks/file_tee.toml \
+		--plugin zstd=benchmarks/zstd.toml \
+		--plugin replace=benchmarks/replace.toml $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

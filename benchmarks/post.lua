@@ -10,6 +10,8 @@ local size = tonumber(os.getenv("WRK_BODY_BYTES") or "1024")
 wrk.method = "POST"
 wrk.body = string.rep("x", size)
 wrk.headers["Content-Type"] = "application/octet-stream"
+-- What `curl --compressed` sends (as the upload workload does): a compressing plugin compresses.
+wrk.headers["Accept-Encoding"] = "deflate, gzip, br, zstd"
 
 function done(summary, latency, requests)
   local e = summary.errors

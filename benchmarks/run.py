@@ -3,11 +3,16 @@
     .venv/bin/python benchmarks/run.py                  # 3 runs of everything (about 10 minutes)
     .venv/bin/python benchmarks/run.py --runs 1 --size-mib 8 --uploads 2 --duration 3   # quick
     make bench ARGS="--only upload --setups minimal,host"
+    make bench-plugins                                  # host vs host + file_tee / zstd / replace
 
 Setups (each on its own fresh stack of echo upstream + ext_proc server + Envoy, ephemeral ports):
   direct   envoy/direct.yaml: no ext_proc filter, Envoy -> echo.
   minimal  envoy/full_duplex.yaml -> benchmarks/minimal_passthrough.py (the baseline).
-  host     envoy/full_duplex.yaml -> extproc-host --config config/full_duplex.toml.
+  host     envoy/full_duplex.yaml -> extproc-host --config benchmarks/passthrough.toml.
+  NAME     (--plugin NAME=CONFIG, repeatable) envoy/full_duplex.yaml -> extproc-host --config
+           CONFIG: a plugin setup, compared with `host` in a table of its own. What the config's
+           chains use decides what the benchmark provides (see HostSetup): file_tee gets a
+           fresh tee directory per stack, replace gets the upload file as its response_file.
 
 Workloads:
   upload         N concurrent curl uploads of one file to /full-duplex-streamed, echoed back and
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import hashlib
+import io
 import json
 import os
 import platform
@@ -37,7 +43,9 @@ import tempfile
 import threading
 import time
 import urllib.request
+import tomllib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -46,7 +54,7 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from extproc_host.stack import Stack, StackError, envoy_binary
+from extproc_host.stack import Stack, StackError, envoy_binary, project_path
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -58,10 +66,20 @@ MiB = 1024 * 1024
 SETUPS = ("direct", "minimal", "host")
 WORKLOADS = ("upload", "small-fd", "small-headers")
 PATHS = {"upload": "/full-duplex-streamed", "small-fd": "/full-duplex-streamed", "small-headers": "/headers-only"}
+# The Envoy route (envoy/full_duplex.yaml) each path above lands on: the host's [routes.NAME].
+ROUTES = {"/full-duplex-streamed": "full-duplex-streamed", "/headers-only": "headers-only"}
+# What `curl --compressed` sends with this curl (built with zstd, brotli and zlib); the sanity
+# check and wrk send the same, so every setup sees the same requests.
+ACCEPT_ENCODING = "deflate, gzip, br, zstd"
+# Environment variables that hand the benchmark's own paths to plugins (pydantic-settings maps
+# EXTPROC_PLUGINS__X__Y to [plugins.x] y, over the TOML file's value).
+TEE_DIRECTORY_ENV = "EXTPROC_PLUGINS__FILE_TEE__DIRECTORY"
+REPLACE_RESPONSE_ENV = "EXTPROC_PLUGINS__REPLACE__RESPONSE_FILE"
 
 # The figures of the report: key, label, unit-less format, the workload that produces it.
 METRICS = (
     ("upload_mib_s", "upload MiB/s", "{:.1f}", "upload"),
+    ("received_ratio", "bytes received/sent", "{:.5f}", "upload"),
     ("envoy_peak_rss_mib", "Envoy peak RSS MiB", "{:.0f}", "upload"),
     ("host_peak_rss_mib", "host peak RSS MiB", "{:.0f}", "upload"),
     ("fd_rps", "req/s FD", "{:.0f}", "small-fd"),
@@ -80,6 +98,56 @@ console = Console(width=None if sys.stdout.isatty() else 150, highlight=False)
 
 class WorkloadError(RuntimeError):
     """A workload ran but its responses were wrong (bad status, bad body, socket errors)."""
+
+
+# -- setups running extproc-host ------------------------------------------------------------
+
+
+@dataclass
+class HostSetup:
+    """An extproc-host setup (``host`` or a plugin setup) and what its settings file asks of the
+    benchmark, read from the TOML's chains: which plugins run on the routes the workloads use."""
+
+    name: str
+    config: Path
+    chains: dict[str, list[str]] = field(default_factory=dict)
+    plugin_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, name: str, config: str | os.PathLike[str]) -> HostSetup:
+        path = project_path(config)
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+        routes = data.get("routes") or {"default": {"chain": ["passthrough"]}}
+        chains = {route: list(table.get("chain", [])) for route, table in routes.items()}
+        return cls(name, path, chains, dict(data.get("plugins", {})))
+
+    def chain_for(self, path: str) -> list[str]:
+        """The chain the host runs for requests to ``path`` (the host's route or its default)."""
+        return self.chains.get(ROUTES[path], self.chains.get("default", ["passthrough"]))
+
+    def uses(self, plugin: str) -> bool:
+        return any(plugin in chain for chain in self.chains.values())
+
+    @property
+    def tees(self) -> bool:
+        """The chains use file_tee: the stack gets a fresh tee directory."""
+        return self.uses("file_tee")
+
+    @property
+    def replaces_with_upload(self) -> bool:
+        """The chains use replace and the file sets no response_file: the benchmark sets it to the
+        upload file, so the replaced responses must be that file."""
+        return self.uses("replace") and "response_file" not in self.plugin_settings.get("replace", {})
+
+    def response_is_upload(self, path: str) -> bool:
+        return self.replaces_with_upload and "replace" in self.chain_for(path)
+
+    def skips(self, workload: str) -> str | None:
+        """Why this setup does not run ``workload`` (None: it runs it)."""
+        if workload == "small-fd" and self.response_is_upload(PATHS[workload]):
+            return "every small POST would get the whole upload file back"
+        return None
 
 
 # -- command line -------------------------------------------------------------------------
@@ -113,7 +181,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
     parser.add_argument("--body-bytes", type=int, default=1024, help="wrk request body size")
     parser.add_argument("--envoy-concurrency", type=int, default=1, help="Envoy worker threads")
-    parser.add_argument("--host-config", default="config/full_duplex.toml", help="settings file of the host setup")
+    parser.add_argument("--host-config", default="benchmarks/passthrough.toml", help="settings file of the host setup")
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="NAME=CONFIG",
+        help="add a setup NAME: the host with settings file CONFIG, compared with `host` (repeatable)",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--no-install", action="store_true", help="do not try to apt-get install wrk when it is missing")
     args = parser.parse_args(argv)
@@ -122,6 +197,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     # Keep the canonical order whatever order they were given in.
     args.setups = [s for s in SETUPS if s in args.setups]
     args.only = [w for w in WORKLOADS if w in args.only]
+    args.host_setups = {}
+    try:
+        args.host_setups["host"] = HostSetup.load("host", args.host_config)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        parser.error(f"--host-config {args.host_config}: {exc}")
+    for item in args.plugin:
+        name, sep, config = item.partition("=")
+        name, config = name.strip(), config.strip()
+        if not sep or not name or not config:
+            parser.error(f"--plugin: expected NAME=CONFIG, got {item!r}")
+        if name in SETUPS or name in args.setups:
+            parser.error(f"--plugin: the setup name {name!r} is taken")
+        if not all(c.isalnum() or c in "_-." for c in name):
+            parser.error(f"--plugin: {name!r}: use letters, digits, '_', '-', '.'")
+        try:
+            args.host_setups[name] = HostSetup.load(name, config)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            parser.error(f"--plugin {item}: {exc}")
+        args.setups.append(name)
+    args.plugin_setups = [name for name in args.setups if name not in SETUPS]
+    if args.plugin_setups and "host" not in args.setups:
+        console.print("[yellow]no `host` in --setups: the plugin setups' ratio table stays empty[/yellow]")
     return args
 
 
@@ -143,29 +240,80 @@ def find_wrk(allow_install: bool) -> str | None:
     return None
 
 
-def make_stack(setup: str, args: argparse.Namespace) -> Stack:
+def make_stack(setup: str, args: argparse.Namespace, upload: tuple[Path, str] | None, tee_dir: Path | None) -> Stack:
     common = {"concurrency": args.envoy_concurrency}
     if setup == "direct":
         return Stack("envoy/direct.yaml", host_config=None, **common)
     if setup == "minimal":
         command = [sys.executable, str(MINIMAL_SERVER), "--listen", "127.0.0.1:0"]
         return Stack("envoy/full_duplex.yaml", host_command=command, **common)
-    if setup == "host":
-        return Stack("envoy/full_duplex.yaml", host_config=args.host_config, **common)
-    raise ValueError(setup)
+    host = args.host_setups[setup]
+    env = {}
+    if tee_dir is not None:
+        env[TEE_DIRECTORY_ENV] = str(tee_dir)
+    if host.replaces_with_upload:
+        assert upload is not None
+        env[REPLACE_RESPONSE_ENV] = str(upload[0])
+    return Stack("envoy/full_duplex.yaml", host_config=host.config, host_env=env, **common)
 
 
-def check_stack(stack: Stack) -> None:
-    """One small request per route the workloads use, echoed back unchanged, before any load."""
+def decode_body(raw: bytes, encoding: str) -> bytes:
+    """A response body as the client's application sees it (curl --compressed does the same)."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return raw
+    if encoding == "zstd":
+        import zstandard  # only needed when a plugin compresses
+
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw), read_across_frames=True) as reader:
+            return reader.read()
+    raise WorkloadError(f"unexpected content-encoding {encoding!r}")
+
+
+def check_stack(stack: Stack, host: HostSetup | None, upload: tuple[Path, str] | None) -> list[str]:
+    """One small request per route the workloads use, before any load: the response, decoded,
+    must be the request body (or, where the setup replaces responses with it, the upload file).
+    Returns a note per route with the response's content-encoding."""
     body = random.Random(1).randbytes(100_000)
+    notes = []
     for path in sorted(set(PATHS.values())):
         request = urllib.request.Request(
-            stack.url + path, data=body, method="POST", headers={"content-type": "application/octet-stream"}
+            stack.url + path,
+            data=body,
+            method="POST",
+            headers={"content-type": "application/octet-stream", "accept-encoding": ACCEPT_ENCODING},
         )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            got = response.read()
-            if response.status != 200 or got != body:
-                raise WorkloadError(f"sanity check {path}: status {response.status}, {len(got)} bytes back of {len(body)}")
+        with urllib.request.urlopen(request, timeout=60) as response:
+            raw = response.read()
+            status = response.status
+            encoding = response.headers.get("content-encoding", "")
+        got = decode_body(raw, encoding)
+        if host is not None and host.response_is_upload(path):
+            assert upload is not None
+            ok = hashlib.sha256(got).hexdigest() == upload[1]
+            want = f"the {upload[0].stat().st_size}-byte upload file"
+        else:
+            ok = got == body
+            want = f"the {len(body)}-byte request body"
+        if status != 200 or not ok:
+            raise WorkloadError(
+                f"sanity check {path}: status {status}, {len(got)} bytes back ({len(raw)} on the wire), expected {want}"
+            )
+        notes.append(f"{path} {encoding or 'identity'} {len(raw)} B")
+    return notes
+
+
+def directory_usage(path: Path) -> tuple[int, int]:
+    """Bytes and number of files under ``path``."""
+    total = files = 0
+    for root, _, names in os.walk(path):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+                files += 1
+            except OSError:
+                pass
+    return total, files
 
 
 def make_upload_file(directory: Path, size: int) -> tuple[Path, str]:
@@ -237,10 +385,10 @@ def run_upload(stack: Stack, file: Path, digest: str, args: argparse.Namespace) 
     url = stack.url + PATHS["upload"]
     size = file.stat().st_size
     cmd = [
-        "curl", "-sS", "--max-time", "600",
+        "curl", "-sS", "--max-time", "600", "--compressed",
         "--data-binary", f"@{file}",
         "-H", "content-type: application/octet-stream",
-        "-w", "%{stderr}HTTP %{http_code}\n",
+        "-w", "%{stderr}HTTP %{http_code} %{size_download} %header{content-encoding}\n",
         url,
     ]  # fmt: skip
     outcomes: list[dict[str, Any]] = [{} for _ in range(args.uploads)]
@@ -273,14 +421,24 @@ def run_upload(stack: Stack, file: Path, digest: str, args: argparse.Namespace) 
         wall = time.perf_counter() - t0
 
     failures = []
+    received = 0  # bytes on the wire (compressed when the response was), from curl's size_download
+    encodings: dict[str, int] = {}
     for i, out in enumerate(outcomes):
-        if out.get("exit") != 0 or out.get("digest") != digest or "HTTP 200" not in out.get("stderr", ""):
+        status = [line.split() for line in out.get("stderr", "").splitlines() if line.startswith("HTTP ")]
+        if status:
+            received += int(status[-1][2]) if len(status[-1]) > 2 and status[-1][2].isdigit() else 0
+            encoding = status[-1][3] if len(status[-1]) > 3 else "identity"
+            encodings[encoding] = encodings.get(encoding, 0) + 1
+        if out.get("exit") != 0 or out.get("digest") != digest or not status or status[-1][1] != "200":
             failures.append(
                 f"upload {i}: curl exit {out.get('exit')}, {out.get('stderr', '')!r}, "
                 f"{out.get('bytes', 0)} of {size} bytes back, sha256 {'ok' if out.get('digest') == digest else 'MISMATCH'}"
             )
     return {
         "upload_mib_s": size * args.uploads / wall / MiB,
+        "bytes_received": received,
+        "received_ratio": received / (size * args.uploads),
+        "content_encodings": encodings,
         "wall_s": round(wall, 3),
         "bytes_sent": size * args.uploads,
         "uploads": args.uploads,
@@ -338,54 +496,96 @@ def describe(setup: str, workload: str, r: dict[str, Any]) -> str:
     cpu = " ".join(f"{role} {cores[role]:.2f}" for role in ("envoy", "host", "echo", "client") if role in cores)
     host_rss = f", host peak {r['host_peak_rss_mib']:.0f} MiB" if r.get("host_peak_rss_mib") is not None else ""
     if workload == "upload":
-        head = f"{r['upload_mib_s']:.1f} MiB/s ({r['verified']}/{r['uploads']} verified, {r['wall_s']:.1f} s)"
+        encodings = ", ".join(f"{n} {e}" for e, n in sorted(r.get("content_encodings", {}).items()))
+        head = (
+            f"{r['upload_mib_s']:.1f} MiB/s ({r['verified']}/{r['uploads']} verified, {r['wall_s']:.1f} s; "
+            f"received {r['bytes_received'] / MiB:.1f} MiB: {encodings})"
+        )
     else:
         rps = r.get("fd_rps", r.get("headers_rps"))
         head = f"{rps:.0f} req/s (p50 {r['latency_ms']['p50']:.1f} ms, p99 {r['latency_ms']['p99']:.1f} ms)"
-    return f"{head}, Envoy peak {r['envoy_peak_rss_mib']:.0f} MiB{host_rss}; cores busy: {cpu}"
+    tee = f"; teed {r['tee_bytes'] / MiB:.1f} MiB in {r['tee_files']} files" if "tee_bytes" in r else ""
+    return f"{head}, Envoy peak {r['envoy_peak_rss_mib']:.0f} MiB{host_rss}{tee}; cores busy: {cpu}"
 
 
 def run_all(args: argparse.Namespace, wrk: str | None, upload: tuple[Path, str] | None) -> list[dict[str, Any]]:
     workloads = [w for w in args.only if w == "upload" or wrk]
+    width = max(len(s) for s in args.setups)
     runs = []
     for index in range(args.runs):
         shift = index % len(args.setups)
         order = args.setups[shift:] + args.setups[:shift]
-        run: dict[str, Any] = {"run": index + 1, "order": order, "results": {s: {} for s in order}, "errors": []}
+        run: dict[str, Any] = {"run": index + 1, "order": order, "results": {s: {} for s in order}, "errors": [], "skipped": {}}
         runs.append(run)
         for setup in order:
-            label = f"run {index + 1}/{args.runs} {setup:<7}"
+            label = f"run {index + 1}/{args.runs} {setup:<{width}}"
+            host = args.host_setups.get(setup)
+            # file_tee writes into a fresh directory per stack, removed with the stack.
+            tee_dir = Path(tempfile.mkdtemp(prefix=f"extproc-bench-tee-{setup}-")) if host and host.tees else None
             try:
-                stack = make_stack(setup, args)
-            except StackError as exc:
-                run["errors"].append(f"{setup}: stack failed to start: {exc}")
-                console.print(f"[red]{label} stack failed to start[/red]\n{exc}")
-                continue
-            with stack:
                 try:
-                    check_stack(stack)
-                except Exception as exc:  # noqa: BLE001 (reported, the run goes on)
-                    run["errors"].append(f"{setup}: {exc}")
-                    console.print(f"[red]{label} sanity check failed: {exc}[/red]\n{stack.log_tails(20)}")
+                    stack = make_stack(setup, args, upload, tee_dir)
+                except StackError as exc:
+                    run["errors"].append(f"{setup}: stack failed to start: {exc}")
+                    console.print(f"[red]{label} stack failed to start[/red]\n{exc}")
                     continue
-                for workload in workloads:
-                    time.sleep(0.5)  # let the previous load's sockets and buffers settle
-                    try:
-                        if workload == "upload":
-                            assert upload is not None
-                            result = run_upload(stack, *upload, args)
-                        else:
-                            assert wrk is not None
-                            result = run_wrk(stack, wrk, workload, args)
-                    except Exception as exc:  # noqa: BLE001
-                        run["errors"].append(f"{setup} {workload}: {exc}")
-                        console.print(f"[red]{label} {workload:<13} failed: {exc}[/red]")
-                        continue
-                    run["results"][setup][workload] = result
-                    run["errors"].extend(f"{setup} {f}" for f in result["failures"])
-                    status = "" if not result["failures"] else "[red] ERRORS[/red]"
-                    console.print(f"{label} {workload:<13} {describe(setup, workload, result)}{status}", soft_wrap=True)
+                with stack:
+                    run_setup(stack, setup, host, workloads, run, label, args, wrk, upload, tee_dir)
+            finally:
+                if tee_dir is not None:
+                    shutil.rmtree(tee_dir, ignore_errors=True)
     return runs
+
+
+def run_setup(
+    stack: Stack,
+    setup: str,
+    host: HostSetup | None,
+    workloads: list[str],
+    run: dict[str, Any],
+    label: str,
+    args: argparse.Namespace,
+    wrk: str | None,
+    upload: tuple[Path, str] | None,
+    tee_dir: Path | None,
+) -> None:
+    """Every workload on one running stack; results and errors go into ``run``."""
+    try:
+        notes = check_stack(stack, host, upload)
+    except Exception as exc:  # noqa: BLE001 (reported, the run goes on)
+        run["errors"].append(f"{setup}: {exc}")
+        console.print(f"[red]{label} sanity check failed: {exc}[/red]\n{stack.log_tails(20)}")
+        return
+    if host is not None and host.name != "host":
+        console.print(f"{label} sanity check ok: {'; '.join(notes)}", soft_wrap=True)
+    for workload in workloads:
+        reason = host.skips(workload) if host else None
+        if reason:
+            run["skipped"].setdefault(setup, {})[workload] = reason
+            if run["run"] == 1:
+                console.print(f"[yellow]{label} {workload:<13} skipped: {reason}[/yellow]")
+            continue
+        time.sleep(0.5)  # let the previous load's sockets and buffers settle
+        tee_before = directory_usage(tee_dir) if tee_dir is not None else None
+        try:
+            if workload == "upload":
+                assert upload is not None
+                result = run_upload(stack, *upload, args)
+            else:
+                assert wrk is not None
+                result = run_wrk(stack, wrk, workload, args)
+        except Exception as exc:  # noqa: BLE001
+            run["errors"].append(f"{setup} {workload}: {exc}")
+            console.print(f"[red]{label} {workload:<13} failed: {exc}[/red]")
+            continue
+        if tee_dir is not None and tee_before is not None:
+            tee_after = directory_usage(tee_dir)
+            result["tee_bytes"] = tee_after[0] - tee_before[0]
+            result["tee_files"] = tee_after[1] - tee_before[1]
+        run["results"][setup][workload] = result
+        run["errors"].extend(f"{setup} {f}" for f in result["failures"])
+        status = "" if not result["failures"] else "[red] ERRORS[/red]"
+        console.print(f"{label} {workload:<13} {describe(setup, workload, result)}{status}", soft_wrap=True)
 
 
 def summarize(runs: list[dict[str, Any]], setups: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -409,16 +609,24 @@ def summarize(runs: list[dict[str, Any]], setups: Sequence[str]) -> dict[str, di
     return summary
 
 
+def _ratio(top: dict[str, Any] | None, base: dict[str, Any] | None) -> float | None:
+    return top["median"] / base["median"] if top and base and base["median"] else None
+
+
 def ratios(summary: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, float | None]]:
     out: dict[str, dict[str, float | None]] = {}
     for key, *_ in METRICS:
         host = summary.get("host", {}).get(key)
-        row: dict[str, float | None] = {}
-        for other in ("minimal", "direct"):
-            base = summary.get(other, {}).get(key)
-            row[f"host/{other}"] = host["median"] / base["median"] if host and base and base["median"] else None
-        out[key] = row
+        out[key] = {f"host/{other}": _ratio(host, summary.get(other, {}).get(key)) for other in ("minimal", "direct")}
     return out
+
+
+def plugin_ratios(summary: dict[str, dict[str, dict[str, Any]]], plugins: Sequence[str]) -> dict[str, dict[str, float | None]]:
+    """Per figure: each plugin setup's median over the host's (passthrough) median."""
+    return {
+        key: {f"{name}/host": _ratio(summary.get(name, {}).get(key), summary.get("host", {}).get(key)) for name in plugins}
+        for key, *_ in METRICS
+    }
 
 
 def targets(ratio: dict[str, dict[str, float | None]]) -> list[dict[str, Any]]:
@@ -442,7 +650,9 @@ def _cell(stat: dict[str, Any] | None, fmt: str, runs: int) -> str:
     return text
 
 
-def report(args: argparse.Namespace, runs: list[dict[str, Any]], summary: dict, ratio: dict, verdicts: list[dict]) -> None:
+def report(
+    args: argparse.Namespace, runs: list[dict[str, Any]], summary: dict, ratio: dict, verdicts: list[dict], plugin_ratio: dict
+) -> None:
     n = len(runs)
     spread = " (min-max across runs)" if n > 1 else ""
     table = Table(title=f"median of {n} run{'s' if n > 1 else ''}{spread}", title_justify="left")
@@ -453,7 +663,28 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]], summary: dict, 
     for setup in args.setups:
         table.add_row(setup, *(_cell(summary[setup].get(key), fmt, n) for key, _, fmt, _ in METRICS))
     console.print(table)
+    skipped = {(setup, w): why for run in runs for setup, ws in run.get("skipped", {}).items() for w, why in ws.items()}
+    for (setup, workload), why in skipped.items():
+        console.print(f"{setup}: {workload} not run ({why})")
 
+    if "minimal" in args.setups or "direct" in args.setups:
+        host_ratios_table(ratio, verdicts, labels)
+    if args.plugin_setups and "host" in args.setups:
+        names = [f"{name}/host" for name in args.plugin_setups]
+        plugin_table = Table(title="plugin setups / host (passthrough)", title_justify="left")
+        plugin_table.add_column("figure")
+        for name in names:
+            plugin_table.add_column(name, justify="right")
+        for key, label, _, _ in METRICS:
+            row = plugin_ratio[key]
+            if all(row[n] is None for n in names):
+                continue  # a workload that did not run
+            plugin_table.add_row(label, *(f"{row[n]:.2f}x" if row[n] is not None else "-" for n in names))
+        console.print(plugin_table)
+    print_cpu_table(args, runs)
+
+
+def host_ratios_table(ratio: dict, verdicts: list[dict], labels: dict[str, str]) -> None:
     ratios_table = Table(title="ratios of medians", title_justify="left")
     ratios_table.add_column("figure")
     ratios_table.add_column("host/minimal", justify="right")
@@ -474,6 +705,8 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]], summary: dict, 
         )
     console.print(ratios_table)
 
+
+def print_cpu_table(args: argparse.Namespace, runs: list[dict[str, Any]]) -> None:
     cpu_table = Table(title="cores busy during each workload (median; 2.00 = both cores)", title_justify="left")
     for column in ("setup", "workload", "envoy", "ext_proc server", "echo", "client"):
         cpu_table.add_column(column, justify="left" if column in ("setup", "workload") else "right")
@@ -545,10 +778,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Envoy --concurrency {args.envoy_concurrency}; {info['cpus']} CPUs, load {info['load_average_at_start'][0]:.2f}",
         soft_wrap=True,
     )
+    for name, host in args.host_setups.items():
+        if name in args.setups:
+            console.print(f"  {name}: extproc-host --config {os.path.relpath(host.config, ROOT)}", soft_wrap=True)
 
     tmp = Path(tempfile.mkdtemp(prefix="extproc-bench-"))
     try:
-        upload = make_upload_file(tmp, size) if "upload" in args.only else None
+        needs_file = "upload" in args.only or any(h.replaces_with_upload for n, h in args.host_setups.items() if n in args.setups)
+        upload = make_upload_file(tmp, size) if needs_file else None
         runs = run_all(args, wrk, upload)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -556,8 +793,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = summarize(runs, args.setups)
     ratio = ratios(summary)
     verdicts = targets(ratio)
+    plugin_ratio = plugin_ratios(summary, args.plugin_setups)
     console.print()
-    report(args, runs, summary, ratio, verdicts)
+    report(args, runs, summary, ratio, verdicts, plugin_ratio)
     errors = [e for run in runs for e in run["errors"]]
     for error in errors:
         console.print(f"[red]error: {error}[/red]")
@@ -567,12 +805,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "started": started.isoformat(timespec="seconds"),
         "finished": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": [sys.argv[0], *(sys.argv[1:] if argv is None else argv)],
-        "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "host_setups"},
+        "host_setups": {
+            name: {"config": str(h.config), "chains": h.chains, "plugins": h.plugin_settings}
+            for name, h in args.host_setups.items()
+            if name in args.setups
+        },
         "machine": info,
         "runs": runs,
         "summary": summary,
         "ratios": ratio,
         "targets": verdicts,
+        "plugin_ratios": plugin_ratio,
         "errors": errors,
     }
     RESULTS_DIR.mkdir(exist_ok=True)

@@ -2,7 +2,8 @@
 
 Starts the stack from envoy/full_duplex.yaml and config/full_duplex.toml on free ports, sends
 the same generated body through every route (full-duplex, streamed, buffered, headers-only)
-and straight to the echo, checks each echoed body by sha256, and prints what happened.
+and straight to the echo, checks each echoed body by sha256, checks the copies file_tee made of
+the full-duplex route's bodies, and prints what happened.
 """
 
 from __future__ import annotations
@@ -56,6 +57,14 @@ def write_body(path: Path, size: int, seed: int = 7) -> str:
     return digest.hexdigest()
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 async def read_blocks(path: Path):
     """The file in 1 MiB blocks (aiohttp then sends and reads the echo at the same time)."""
     with path.open("rb") as fh:
@@ -96,13 +105,21 @@ def run(size_mib: int = 16, console: Console | None = None) -> int:
         body = Path(tmp) / "body.bin"
         expected = write_body(body, size_mib * CHUNK)
         console.print(f"[bold]extproc-host demo[/]: a {size_mib} MiB body (sha256 {expected[:16]}...)")
+        tee = Path(tmp) / "tee"
         with console.status("starting echo upstream, extproc-host and Envoy..."):
-            stack = Stack("envoy/full_duplex.yaml", "config/full_duplex.toml")
+            # config/full_duplex.toml tees the full-duplex route's bodies: into our temp dir here.
+            stack = Stack(
+                "envoy/full_duplex.yaml",
+                "config/full_duplex.toml",
+                host_env={"EXTPROC_PLUGINS__FILE_TEE__DIRECTORY": str(tee)},
+            )
         with stack:
             console.print(f"Envoy on {stack.url}, host pid {stack.pids['host']}, echo on {stack.echo_url}")
             with console.status("uploading through every body mode..."):
                 results = asyncio.run(_run(stack, body, expected))
             envoy_rss, host_rss = stack.envoy_rss(), stack.host_rss()
+        teed = sorted(tee.glob("*")) if tee.is_dir() else []
+        tee_ok = [f for f in teed if not f.name.startswith(".") and _sha256(f) == expected]
     table = Table(title="one upload per route: client -> Envoy -> extproc-host -> echo -> back")
     for column in ("body mode", "HTTP", "seconds", "MiB/s", "sent", "echoed", "sha256"):
         table.add_column(column)
@@ -118,6 +135,10 @@ def run(size_mib: int = 16, console: Console | None = None) -> int:
         )
     console.print(table)
     console.print(f"RSS after the run: Envoy {envoy_rss / CHUNK:.0f} MiB, host {host_rss / CHUNK:.0f} MiB")
-    ok = all(r.verified and r.status == 200 for r in results)
+    console.print(
+        f"file_tee copied the full-duplex route's bodies to {len(teed)} files, "
+        f"{len(tee_ok)} identical to the uploaded body: {', '.join(f.name for f in teed) or '(none)'}"
+    )
+    ok = all(r.verified and r.status == 200 for r in results) and len(teed) == 2 and len(tee_ok) == 2
     console.print("[green]every body came back byte for byte[/]" if ok else "[red]some bodies did not come back intact[/]")
     return 0 if ok else 1

@@ -114,6 +114,9 @@ class StreamInfo:
     attributes: dict[str, Any] = field(default_factory=dict)
     request_headers: Headers | None = None
     response_headers: Headers | None = None
+    #: False once the headers said no body follows (GET, 204...); None before they arrived.
+    request_has_body: bool | None = None
+    response_has_body: bool | None = None
     state: dict[str, Any] = field(default_factory=dict)
 
 

@@ -248,8 +248,10 @@ class StreamProcessor:
         headers = Headers(header_items(msg.headers))
         if d is self.request:
             self.info.request_headers = headers
+            self.info.request_has_body = not msg.end_of_stream
         else:
             self.info.response_headers = headers
+            self.info.response_has_body = not msg.end_of_stream
         hook = "on_request_headers" if d is self.request else "on_response_headers"
         if not self.plan.touches(hook):
             return _CONTINUE[kind]

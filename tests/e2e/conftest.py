@@ -4,6 +4,7 @@ session, and deterministic test bodies in files (see e2e_clients.py for the clie
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from e2e_clients import Payload, write_payload
@@ -26,7 +27,24 @@ def payload(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
-def stack() -> Iterator[Stack]:
-    """Echo + extproc-host (config/full_duplex.toml) + Envoy (envoy/full_duplex.yaml)."""
-    with Stack("envoy/full_duplex.yaml", "config/full_duplex.toml") as running:
+def tee_directory(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the session stack's file_tee (route full-duplex-streamed) writes its copies."""
+    return tmp_path_factory.mktemp("tee")
+
+
+@pytest.fixture(scope="session")
+def stack(tee_directory: Path) -> Iterator[Stack]:
+    """Echo + extproc-host (config/full_duplex.toml) + Envoy (envoy/full_duplex.yaml); the
+    config's file_tee writes to ``tee_directory`` instead of ./temp."""
+    env = {"EXTPROC_PLUGINS__FILE_TEE__DIRECTORY": str(tee_directory)}
+    with Stack("envoy/full_duplex.yaml", "config/full_duplex.toml", host_env=env) as running:
         yield running
+
+
+@pytest.fixture(autouse=True)
+def _clear_tee_files(tee_directory: Path) -> Iterator[None]:
+    """After each test, delete the body copies the session stack left (10 x 70 MiB uploads
+    copy 1.4 GB)."""
+    yield
+    for path in tee_directory.iterdir():
+        path.unlink(missing_ok=True)

@@ -1,0 +1,372 @@
+"""file_tee: writes a copy of each stream's request and/or response body to a file.
+
+The Go proof of concept's ``-write_data_to_file``. Bodies pass through unchanged (the very
+chunk objects go on down the chain); the copy goes to disk in worker threads, never on the
+event loop, so a slow disk holds back only the stream whose copy is behind.
+
+    [routes.upload]
+    chain = ["file_tee"]
+
+    [plugins.file_tee]
+    directory = "temp"
+    name = "{route}-{stream}-{direction}.body"
+
+A file is written under a hidden temporary name (``.<name>.<random>.tmp``) and renamed to
+``<name>`` only when its body ended normally. A body cut short (client gone, Envoy reset,
+another plugin failed) ends as ``<name>.partial`` or is deleted (``on_abort``); a body longer
+than ``max_bytes`` ends as ``<name>.truncated`` holding its first ``max_bytes`` bytes; a body
+whose copy failed to write (disk full) ends as ``<name>.partial``. Nothing but a complete copy
+ever carries the plain name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import secrets
+import string
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from extproc_host import Plugin, hookimpl
+
+log = logging.getLogger(__name__)
+
+#: Fields a ``name`` template may use (each one sanitised to ``[A-Za-z0-9_.-]``).
+NAME_FIELDS = {
+    "route": "the host's route name",
+    "stream": "an id unique to the stream: host stream number + 48 random bits",
+    "direction": "'request' or 'response'",
+    "time": "UTC time the stream's first file was started, e.g. 20261126T161200Z",
+    "method": "the request's :method",
+    "authority": "the request's :authority (host)",
+}
+#: Longest value a field contributes to a name (longer ones are cut).
+FIELD_MAX = 64
+#: Longest file name produced (leaves room for ``.partial``/``.truncated`` and the temp affixes
+#: under the usual 255-byte limit).
+NAME_MAX = 200
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+_os_write = os.write  # one name to replace in tests that simulate a full disk
+
+#: Worker threads shared by every file_tee file of the process; each file has at most one job
+#: in flight, so its writes stay in order while different files are written in parallel.
+WORKERS = 4
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _executor
+    if _executor is None:
+        with _executor_lock:
+            if _executor is None:
+                _executor = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="file_tee")
+    return _executor
+
+
+def sanitise(value: str) -> str:
+    """``value`` reduced to a safe file-name piece: ``[A-Za-z0-9_.-]``, at most FIELD_MAX chars."""
+    return _UNSAFE.sub("_", value)[:FIELD_MAX]
+
+
+class FileTeeSettings(BaseModel):
+    """``[plugins.file_tee]``: which bodies to copy, where, and under which names."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Directory the files go to; relative paths are taken from the host's working directory
+    #: at start-up. Created (with parents) when missing.
+    directory: Path = Path("temp")
+    #: Copy the request body.
+    request: bool = True
+    #: Copy the response body.
+    response: bool = True
+    #: File name template; fields: {route}, {stream}, {direction}, {time}, {method},
+    #: {authority}. Must contain {stream}, and {direction} when both bodies are copied.
+    #: No path separators, no conversions or format specs, must not start with '.'.
+    name: str = "{route}-{stream}-{direction}.body"
+    #: What a body cut short leaves behind: "partial" (<name>.partial) or "delete" (nothing).
+    on_abort: Literal["partial", "delete"] = "partial"
+    #: Largest number of bytes copied per body (None: no limit); a longer body's copy holds its
+    #: first max_bytes bytes and ends as <name>.truncated.
+    max_bytes: int | None = Field(default=None, ge=0)
+    #: Bytes of one body that may wait in memory for the disk; past this the stream (only this
+    #: one) waits for its copy to catch up before its chunk goes on.
+    queue_bytes: int = Field(default=8 * 1024 * 1024, ge=0)
+
+    @field_validator("directory")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        value = value.expanduser().resolve()
+        if value.exists() and not value.is_dir():
+            raise ValueError(f"not a directory: {value}")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _check_template(cls, value: str) -> str:
+        if not value:
+            raise ValueError("must not be empty")
+        for sep in {"/", "\\", os.sep, os.altsep or "/", "\0"}:
+            if sep in value:
+                raise ValueError(f"must not contain {sep!r}: the files stay in 'directory'")
+        if value.startswith("."):
+            raise ValueError("must not start with '.' (hidden names are the temporary files)")
+        try:
+            parsed = list(string.Formatter().parse(value))
+        except ValueError as exc:
+            raise ValueError(f"not a valid template: {exc}") from None
+        allowed = ", ".join("{" + f + "}" for f in NAME_FIELDS)
+        for literal, field, spec, conversion in parsed:
+            if field is None:
+                continue
+            if field not in NAME_FIELDS:
+                raise ValueError(f"unknown field {{{field}}}; allowed: {allowed}")
+            if spec or conversion:
+                raise ValueError(f"field {{{field}}} takes no conversion or format spec")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> FileTeeSettings:
+        fields = {f for _, f, _, _ in string.Formatter().parse(self.name) if f}
+        if "stream" not in fields:
+            raise ValueError("name must contain {stream}: without it streams overwrite each other's files")
+        if self.request and self.response and "direction" not in fields:
+            raise ValueError("name must contain {direction} when both request and response are copied")
+        return self
+
+
+class _BodyFile:
+    """The copy of one body: chunks queued on the loop, written in order by one job at a time
+    in the shared worker pool, finished (renamed or removed) by the last job."""
+
+    __slots__ = (
+        "settings", "label", "directory", "name", "tmp_path", "fd", "pending", "pending_bytes",
+        "job", "waiter", "accepted", "truncated", "error", "outcome", "done",
+    )  # fmt: skip
+
+    def __init__(self, settings: FileTeeSettings, name: str, label: str) -> None:
+        self.settings = settings
+        self.label = label
+        self.directory = str(settings.directory)
+        self.name = name
+        self.tmp_path = os.path.join(self.directory, f".{name}.{secrets.token_hex(4)}.tmp")
+        self.fd: int | None = None  # touched only by the one job in flight
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0  # queued or being written
+        self.job: asyncio.Future[OSError | None] | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.accepted = 0
+        self.truncated = False
+        self.error: OSError | None = None
+        self.outcome: str | None = None  # "end" or "abort" once finishing
+        self.done: asyncio.Future[None] | None = None
+
+    # -- loop side ------------------------------------------------------------------------
+
+    async def feed(self, chunk: bytes) -> None:
+        if self.error is not None or self.truncated or self.outcome is not None:
+            return
+        limit = self.settings.max_bytes
+        if limit is not None and self.accepted + len(chunk) > limit:
+            chunk = chunk[: limit - self.accepted]
+            self.truncated = True
+            if not chunk:
+                return
+        if type(chunk) is not bytes:
+            chunk = bytes(chunk)
+        self.accepted += len(chunk)
+        self.pending.append(chunk)
+        self.pending_bytes += len(chunk)
+        if self.job is None:
+            self._submit()
+        while self.pending_bytes > self.settings.queue_bytes and self.job is not None:
+            loop = asyncio.get_running_loop()
+            if self.waiter is None or self.waiter.done():
+                self.waiter = loop.create_future()
+            await self.waiter
+
+    def start_finish(self, outcome: str) -> asyncio.Future[None]:
+        """Queue the finishing step (the first call decides the outcome); its future."""
+        if self.done is None:
+            self.outcome = outcome
+            self.done = asyncio.get_running_loop().create_future()
+            if self.job is None:
+                self._submit()
+        return self.done
+
+    async def finish(self, outcome: str) -> None:
+        """Queue the finishing step and wait for it; safe to call again."""
+        # Shielded: a cancelled caller must not cancel the bookkeeping; the job runs on anyway.
+        await asyncio.shield(self.start_finish(outcome))
+
+    def _submit(self) -> None:
+        batch, self.pending = self.pending, []
+        size = sum(map(len, batch))
+        outcome = self.outcome
+        loop = asyncio.get_running_loop()
+        job = loop.run_in_executor(_pool(), self._run, batch, outcome)
+        self.job = job
+        job.add_done_callback(lambda fut: self._job_done(fut, size, outcome))
+
+    def _job_done(self, fut: asyncio.Future[OSError | None], size: int, outcome: str | None) -> None:
+        self.job = None
+        self.pending_bytes -= size
+        error = fut.exception() if not fut.cancelled() else None
+        if error is None and not fut.cancelled():
+            error = fut.result()
+        if error is not None and self.error is None:
+            self.error = error if isinstance(error, OSError) else OSError(str(error))
+            log.error(
+                "file_tee: %s: cannot write %s, no longer copying this body: %s", self.label, self.tmp_path, error
+            )
+        if self.error is not None:
+            self.pending_bytes -= sum(map(len, self.pending))
+            self.pending = []
+        if outcome is not None:  # that was the last job
+            if self.done is not None and not self.done.done():
+                self.done.set_result(None)
+        elif self.pending or self.outcome is not None:
+            self._submit()
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    # -- worker thread side ----------------------------------------------------------------
+
+    def _run(self, batch: list[bytes], outcome: str | None) -> OSError | None:
+        """Write ``batch``; with ``outcome``, finish the file. Returns the write error, if any."""
+        error = None
+        if batch and self.error is None:
+            try:
+                if self.fd is None:
+                    self._open()
+                for data in batch:
+                    view = memoryview(data)
+                    while view:
+                        view = view[_os_write(self.fd, view) :]
+            except OSError as exc:
+                error = exc
+        if outcome is not None:
+            self._finish(outcome, failed=error is not None or self.error is not None)
+        return error
+
+    def _open(self) -> None:
+        os.makedirs(self.directory, exist_ok=True)
+        real_dir = os.path.realpath(self.directory)
+        for path in (self.tmp_path, self._final("")):
+            if os.path.dirname(os.path.realpath(path)) != real_dir:
+                raise OSError(f"refusing to write outside {real_dir}: {path}")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+        self.fd = os.open(self.tmp_path, flags, 0o600)
+
+    def _final(self, suffix: str) -> str:
+        return os.path.join(self.directory, self.name + suffix)
+
+    def _finish(self, outcome: str, failed: bool) -> None:
+        try:
+            if outcome == "abort":
+                if self.fd is None:
+                    return  # no byte of this body arrived: nothing to leave behind
+                self._close_fd()
+                if self.settings.on_abort == "delete":
+                    os.unlink(self.tmp_path)
+                    return
+                suffix = ".partial"
+            else:
+                if self.fd is None:
+                    if failed:
+                        return
+                    self._open()  # an empty body still gets its (empty) file
+                self._close_fd()
+                suffix = ".partial" if failed else ".truncated" if self.truncated else ""
+            os.replace(self.tmp_path, self._final(suffix))
+        except OSError as exc:
+            log.error("file_tee: %s: cannot finish %s: %s", self.label, self.tmp_path, exc)
+            self._close_fd()
+            try:
+                os.unlink(self.tmp_path)
+            except OSError:
+                pass
+
+    def _close_fd(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+class FileTee(Plugin):
+    """Copies request and/or response bodies to files; hands every chunk on untouched."""
+
+    name = "file_tee"
+    Settings = FileTeeSettings
+
+    def __init__(self, settings: FileTeeSettings, stream) -> None:
+        super().__init__(settings, stream)
+        self._stream_key = f"{sanitise(stream.stream_id)}-{secrets.token_hex(6)}"
+        self._time: str | None = None
+        self._files: dict[str, _BodyFile] = {}
+        self._ended: set[str] = set()
+
+    def _file(self, direction: str) -> _BodyFile:
+        body = self._files.get(direction)
+        if body is None:
+            if self._time is None:
+                self._time = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            headers = self.stream.request_headers
+            fields = {
+                "route": self.stream.route,
+                "stream": self._stream_key,
+                "direction": direction,
+                "time": self._time,
+                "method": (headers.get(":method") if headers is not None else None) or "",
+                "authority": (headers.get(":authority") if headers is not None else None) or "",
+            }
+            name = self.settings.name.format(**{k: sanitise(v) for k, v in fields.items()})[:NAME_MAX]
+            if name.startswith("."):
+                name = "_" + name[1:]
+            label = f"stream {self.stream.stream_id} route {self.stream.route} {direction} body"
+            body = self._files[direction] = _BodyFile(self.settings, name, label)
+        return body
+
+    async def on_request_body(self, chunk: bytes) -> bytes:
+        if self.settings.request:
+            await self._file("request").feed(chunk)
+        return chunk
+
+    async def on_request_body_end(self) -> bytes:
+        if self.settings.request:
+            self._ended.add("request")
+            await self._file("request").finish("end")
+        return b""
+
+    async def on_response_body(self, chunk: bytes) -> bytes:
+        if self.settings.response:
+            await self._file("response").feed(chunk)
+        return chunk
+
+    async def on_response_body_end(self) -> bytes:
+        if self.settings.response:
+            self._ended.add("response")
+            await self._file("response").finish("end")
+        return b""
+
+    async def close(self, error: BaseException | None) -> None:
+        # A body that did not end normally is cut short whatever the error: never complete.
+        # Every file's last job is queued before waiting, so all are released even if the
+        # wait is cancelled (the jobs then finish in the pool on their own).
+        done = [body.start_finish("end" if d in self._ended else "abort") for d, body in self._files.items()]
+        for future in done:
+            await asyncio.shield(future)
+
+
+@hookimpl
+def register_plugins(register):
+    register(FileTee)

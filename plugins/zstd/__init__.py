@@ -1,0 +1,337 @@
+"""zstd: compresses response bodies for clients that accept zstd, and decompresses request
+bodies sent with ``content-encoding: zstd`` before they reach the upstream.
+
+Both directions stream with bounded memory, whatever the body size:
+
+- Responses: every chunk goes through one streaming compressor and is flushed as a complete
+  zstd block (``FLUSH_BLOCK``), so every byte sent on can be decoded as soon as it arrives (a
+  client reading a long stream sees data progressively); the frame is ended at the end of the
+  body. Whether to compress is decided in the response header hook, where streamed modes
+  require header changes to be made.
+- Requests: the body is decompressed in small input slices and handed on in pieces of at most
+  1 MiB, so a small body that expands hugely (a "zip bomb") never sits in memory whole. A body
+  that decompresses past ``max_decompressed_bytes``, is not valid zstd, or ends in the middle
+  of a frame is answered with a 413 or 400 local reply (Envoy resets the upstream request), so
+  the upstream never gets a truncated body that looks complete.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import zstandard
+from pydantic import BaseModel, ConfigDict, Field
+
+from extproc_host import Headers, Plugin, Reject, hookimpl
+
+#: Media types that are compressed already: compressing them again costs CPU for nothing.
+DEFAULT_SKIP_CONTENT_TYPES = [
+    "image/*",
+    "video/*",
+    "audio/*",
+    "font/woff",
+    "font/woff2",
+    "application/zip",
+    "application/gzip",
+    "application/x-gzip",
+    "application/zstd",
+    "application/x-zstd",
+    "application/x-bzip2",
+    "application/x-xz",
+    "application/x-7z-compressed",
+    "application/x-rar-compressed",
+    "application/vnd.rar",
+    "application/pdf",
+    "application/octet-stream+zstd",
+]
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+#: Compressed input is fed to the decompressor this many bytes at a time. zstd's densest
+#: encoding (RLE blocks) turns 4 bytes into 128 KiB, so one slice yields at most ~64 MiB even
+#: for a crafted body; real data yields a few KiB per slice.
+INPUT_SLICE = 2048
+#: Largest piece of decompressed output handed on at once.
+OUTPUT_PIECE = 1 * MiB
+
+#: RFC 9110 token characters (a content-coding name).
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+$")
+#: RFC 9110 qvalue.
+_QVALUE = re.compile(r"^(?:0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?)$")
+#: Statuses whose responses have no body.
+_NO_BODY_STATUSES = {204, 205, 304}
+
+
+class ZstdSettings(BaseModel):
+    """``[plugins.zstd]`` (and ``[routes.<route>.plugins.zstd]``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    compress_responses: bool = True
+    """Compress response bodies for clients whose ``accept-encoding`` accepts zstd."""
+
+    decompress_requests: bool = True
+    """Decompress request bodies sent with ``content-encoding: zstd`` before the upstream."""
+
+    level: int = Field(3, ge=1, le=19)
+    """Compression level, 1 (fastest) to 19 (smallest). Levels 20-22 are refused: they use
+    windows larger than the 8 MiB that HTTP clients must support (RFC 8878)."""
+
+    min_bytes: int = Field(0, ge=0)
+    """Leave responses whose ``content-length`` is below this uncompressed (0: compress any
+    size). Responses without a content-length are always compressed."""
+
+    skip_content_types: list[str] = Field(default_factory=lambda: list(DEFAULT_SKIP_CONTENT_TYPES))
+    """Media types never compressed: ``type/subtype``, ``type/*``, or a prefix ending in
+    ``*`` (``application/vnd.ms-*``); case-insensitive, parameters ignored."""
+
+    max_decompressed_bytes: int = Field(GiB, ge=1)
+    """Largest request body accepted after decompression; past it the client gets a 413."""
+
+    max_window_bytes: int = Field(8 * MiB, ge=1024, le=2 * GiB)
+    """Largest zstd window accepted in a request body (the decompressor's memory per stream).
+    8 MiB is what RFC 8878 asks every HTTP zstd decoder to support; larger windows get a 400."""
+
+    checksum: bool = True
+    """Write a content checksum at the end of each compressed response (clients verify it)."""
+
+
+def parse_accept_encoding(values: list[str]) -> dict[str, float]:
+    """``accept-encoding`` header values as {coding: q}, lower-cased; malformed entries are
+    left out. A coding named more than once keeps its lowest q (a refusal is never undone)."""
+    accepted: dict[str, float] = {}
+    for value in values:
+        for entry in value.split(","):
+            parts = entry.split(";")
+            coding = parts[0].strip().lower()
+            if not coding or not _TOKEN.match(coding):
+                continue
+            q = 1.0
+            malformed = False
+            for param in parts[1:]:
+                name, eq, raw = param.partition("=")
+                name = name.strip().lower()
+                if name != "q":
+                    if not name or not _TOKEN.match(name):
+                        malformed = True
+                    continue
+                raw = raw.strip()
+                if not eq or not _QVALUE.match(raw):
+                    malformed = True
+                    break
+                q = float(raw)
+            if malformed:
+                continue
+            accepted[coding] = min(q, accepted.get(coding, q))
+    return accepted
+
+
+def accepts_zstd(values: list[str]) -> bool:
+    """Whether ``accept-encoding`` values accept zstd: its own q, else ``*``'s, must be > 0."""
+    accepted = parse_accept_encoding(values)
+    if "zstd" in accepted:
+        return accepted["zstd"] > 0
+    return accepted.get("*", 0.0) > 0
+
+
+def media_type(content_type: str | None) -> str | None:
+    """The media type of a content-type value, lower-case, without parameters."""
+    if content_type is None:
+        return None
+    return content_type.split(";", 1)[0].strip().lower() or None
+
+
+def type_matches(media: str, patterns: list[str]) -> bool:
+    """Whether ``media`` matches one of ``patterns`` (exact, ``type/*``, or ``prefix*``)."""
+    for pattern in patterns:
+        pattern = pattern.strip().lower()
+        if pattern.endswith("*"):
+            if media.startswith(pattern[:-1]):
+                return True
+        elif media == pattern:
+            return True
+    return False
+
+
+def _codings(values: list[str]) -> list[str]:
+    """A content-encoding header's codings, in order, lower-case."""
+    return [c.strip().lower() for value in values for c in value.split(",") if c.strip()]
+
+
+def _status(headers: Headers) -> int:
+    try:
+        return int(headers.get(":status", "200"))
+    except ValueError:
+        return 200
+
+
+class Zstd(Plugin):
+    """One instance per HTTP exchange; ``self.settings`` is a :class:`ZstdSettings`."""
+
+    name = "zstd"
+    Settings = ZstdSettings
+
+    def __init__(self, settings: ZstdSettings, stream) -> None:
+        super().__init__(settings, stream)
+        self._compressor = None  # set when this response is being compressed
+        self._decompressing = False
+        self._dctx: zstandard.ZstdDecompressor | None = None
+        self._dobj = None  # the decompressobj of the current frame
+        self._frame_started = False  # the current frame has taken input
+        self._decompressed = 0
+
+    # ---- requests ----
+
+    def on_request_headers(self, headers: Headers) -> None:
+        if not self.settings.decompress_requests:
+            return
+        codings = _codings(headers.get_all("content-encoding"))
+        if not codings or codings[-1] != "zstd":
+            return
+        codings.pop()
+        if codings:
+            headers.set("content-encoding", ", ".join(codings))
+        else:
+            headers.remove("content-encoding")
+        headers.remove("content-length")
+        self._decompressing = True
+        self._dctx = zstandard.ZstdDecompressor(max_window_size=self.settings.max_window_bytes)
+
+    def on_request_body(self, chunk: bytes) -> bytes | Iterator[bytes]:
+        if not self._decompressing:
+            return chunk
+        return self._decompress(chunk)
+
+    def on_request_body_end(self) -> bytes:
+        if self._decompressing and self._frame_started:
+            raise Reject(400, "zstd request body is truncated: it ends in the middle of a frame\n", _TEXT)
+        return b""
+
+    def _decompress(self, chunk: bytes) -> Iterator[bytes]:
+        """Decompressed pieces of ``chunk`` (at most OUTPUT_PIECE each), frame after frame."""
+        limit = self.settings.max_decompressed_bytes
+        pending: list[bytes] = []
+        pending_size = 0
+        view = memoryview(chunk)
+        for start in range(0, len(view), INPUT_SLICE):
+            data = view[start : start + INPUT_SLICE]
+            while data:
+                if self._dobj is None:
+                    self._dobj = self._dctx.decompressobj()
+                    self._frame_started = False
+                self._frame_started = True
+                try:
+                    out = self._dobj.decompress(data)
+                except zstandard.ZstdError as exc:
+                    raise Reject(400, f"zstd request body is not valid zstd: {exc}\n", _TEXT) from None
+                data = b""
+                if self._dobj.eof:  # the frame is complete; what follows starts the next one
+                    data = self._dobj.unused_data
+                    self._dobj = None
+                    self._frame_started = False
+                if not out:
+                    continue
+                self._decompressed += len(out)
+                if self._decompressed > limit:
+                    raise Reject(
+                        413,
+                        f"zstd request body decompresses to more than {limit} bytes, the limit\n",
+                        _TEXT,
+                    )
+                pending.append(out)
+                pending_size += len(out)
+                if pending_size >= OUTPUT_PIECE:
+                    yield from _pieces(pending)
+                    pending, pending_size = [], 0
+        if pending:
+            yield from _pieces(pending)
+
+    # ---- responses ----
+
+    def on_response_headers(self, headers: Headers) -> None:
+        if not self.settings.compress_responses or not self._compressible(headers):
+            return
+        self._add_vary(headers)
+        request = self.stream.request_headers
+        if request is None or not accepts_zstd(request.get_all("accept-encoding")):
+            return
+        headers.set("content-encoding", "zstd")
+        headers.remove("content-length")
+        etag = headers.get("etag")
+        if etag is not None and not etag.startswith("W/"):
+            headers.set("etag", "W/" + etag)  # same meaning, different bytes: no longer strong
+        self._compressor = zstandard.ZstdCompressor(
+            level=self.settings.level, write_checksum=self.settings.checksum
+        ).compressobj()
+
+    def _compressible(self, headers: Headers) -> bool:
+        """Whether this response may be compressed at all (the client's wishes aside)."""
+        if self.stream.response_has_body is False:  # the headers ended the response
+            return False
+        request = self.stream.request_headers
+        if request is not None and (request.get(":method") or "").upper() == "HEAD":
+            return False
+        status = _status(headers)
+        if status < 200 or status in _NO_BODY_STATUSES or status == 206 or "content-range" in headers:
+            return False
+        if any(c != "identity" for c in _codings(headers.get_all("content-encoding"))):
+            return False
+        cache_control = ",".join(headers.get_all("cache-control")).lower()
+        if "no-transform" in (d.strip() for d in cache_control.split(",")):
+            return False
+        length = headers.get("content-length")
+        if length is not None and length.strip().isdigit():
+            size = int(length)
+            if size == 0 or size < self.settings.min_bytes:
+                return False
+        media = media_type(headers.get("content-type"))
+        if media is not None and type_matches(media, self.settings.skip_content_types):
+            return False
+        return True
+
+    @staticmethod
+    def _add_vary(headers: Headers) -> None:
+        values = headers.get_all("vary")
+        names = {v.strip().lower() for value in values for v in value.split(",")}
+        if "*" in names or "accept-encoding" in names:
+            return
+        values = [v.strip() for v in values if v.strip()]
+        headers.set("vary", ", ".join([*values, "accept-encoding"]))
+
+    def on_response_body(self, chunk: bytes) -> bytes:
+        if self._compressor is None:
+            return chunk
+        out = self._compressor.compress(chunk)
+        return out + self._compressor.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+
+    def on_response_body_end(self) -> bytes:
+        if self._compressor is None:
+            return b""
+        compressor, self._compressor = self._compressor, None
+        return compressor.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH)
+
+    def close(self, error: BaseException | None) -> None:
+        self._compressor = None
+        self._dobj = None
+        self._dctx = None
+
+
+_TEXT = {"content-type": "text/plain; charset=utf-8"}
+
+
+def _pieces(parts: list[bytes]) -> Iterator[bytes]:
+    """``parts`` joined, cut into pieces of at most OUTPUT_PIECE."""
+    data = parts[0] if len(parts) == 1 else b"".join(parts)
+    if len(data) <= OUTPUT_PIECE:
+        yield data
+        return
+    view = memoryview(data)
+    for start in range(0, len(view), OUTPUT_PIECE):
+        yield bytes(view[start : start + OUTPUT_PIECE])
+
+
+@hookimpl
+def register_plugins(register):
+    register(Zstd)
