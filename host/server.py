@@ -28,12 +28,15 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         self.pm = pm
         self._ids = itertools.count(1)
         self._announce = pm is not None and bool(pm.hook.stream_finished.get_hookimpls())
+        self._finishing: set[asyncio.Future[None]] = set()
+        self.active = 0  # streams whose plugins are not closed yet
 
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ProcessingResponse]:
         stream = StreamProcessor(self.router, str(next(self._ids)))
         error: BaseException | None = None
+        self.active += 1
         try:
             async for request in request_iterator:
                 responses = await stream.handle(request)
@@ -56,11 +59,31 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             error = StreamAborted(f"{cut}: Envoy cancelled the stream (client or upstream went away)") if cut else None
             raise
         finally:
+            # Shielded: a second cancel (server shutdown) must not cut the plugins' close short.
+            finishing = asyncio.ensure_future(self._finish(stream, error))
+            self._finishing.add(finishing)
+            finishing.add_done_callback(self._finishing.discard)
+            await asyncio.shield(finishing)
+
+    async def _finish(self, stream: StreamProcessor, error: BaseException | None) -> None:
+        try:
             error = await stream.finish(error)
             if error is not None and not isinstance(error, StreamFailed):
                 log.debug("stream %s route %s ended: %s", stream.stream_id, stream.route_name, error)
             if self._announce and stream.plan is not None:
                 self.pm.hook.stream_finished(stream=stream.stream_info(), error=error)
+        finally:
+            self.active -= 1
+
+    async def drain(self, timeout: float = 30.0) -> None:
+        """Wait until every stream that started has closed its plugins (or ``timeout``)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.active and loop.time() < deadline:
+            if self._finishing:
+                await asyncio.wait(list(self._finishing), timeout=deadline - loop.time())
+            else:
+                await asyncio.sleep(0.005)
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -78,7 +101,8 @@ async def serve(settings: Settings, router: Router, pm: pluggy.PluginManager, li
     address = listen or settings.server.listen
     host, port = parse_listen(address)
     server = grpc.aio.server(options=server_options(settings))
-    pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(router, pm), server)
+    servicer = ExternalProcessor(router, pm)
+    pb_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
     bind_host = f"[{host}]" if ":" in host else host
     try:
         bound = server.add_insecure_port(f"{bind_host}:{port}")
@@ -101,3 +125,4 @@ async def serve(settings: Settings, router: Router, pm: pluggy.PluginManager, li
     await stop.wait()
     log.info("shutting down (grace %.1fs)", settings.server.grace_seconds)
     await server.stop(settings.server.grace_seconds)
+    await servicer.drain()  # streams cut by the stop still close their plugins (files finished)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import random
+import socket
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,3 +136,12 @@ async def h2_request(
         async with client.stream(method, url, content=content, headers=headers) as response:
             assert response.http_version == "HTTP/2"
             return await _hash_httpx(response)
+
+
+def abandon_upload(port: int, path: str, announced: int, sent: int) -> None:
+    """Announce ``announced`` bytes of body, send ``sent`` of them, wait a little, hang up."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    head = f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {announced}\r\n\r\n".encode()
+    sock.sendall(head + b"a" * sent)
+    time.sleep(0.5)  # let Envoy pass the chunks on
+    sock.close()

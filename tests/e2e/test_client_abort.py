@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from e2e_clients import abandon_upload
+
 from extproc_host.stack import Stack
 
 pytestmark = pytest.mark.e2e
@@ -41,15 +43,6 @@ def records(path: Path, count: int, timeout: float = 20.0) -> list[dict]:
             return [json.loads(line) for line in lines]
         time.sleep(0.05)
     raise AssertionError(f"expected {count} close records in {path}, got {len(lines)}")
-
-
-def abandon_upload(port: int, path: str, announced: int, sent: int) -> None:
-    """Announce ``announced`` bytes, send ``sent`` of them, wait a little, hang up."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    head = f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {announced}\r\n\r\n".encode()
-    sock.sendall(head + b"a" * sent)
-    time.sleep(0.5)  # let Envoy pass the chunks on
-    sock.close()
 
 
 @pytest.mark.parametrize("route", ROUTES)

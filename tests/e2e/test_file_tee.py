@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import socket
 import time
 from pathlib import Path
 
 import pytest
-from e2e_clients import ROUTE_PATHS, MiB, Payload, h1_request, h2_request
+from e2e_clients import abandon_upload, ROUTE_PATHS, MiB, Payload, h1_request, h2_request
 
 from extproc_host.stack import Stack
 
@@ -98,15 +97,6 @@ async def test_copies_are_byte_identical(tee, payload, route, h2, size):
     [(req, resp)] = pairs(directory, route)
     assert sha256_of(req) == body.sha256
     assert sha256_of(resp) == echoed.sha256
-
-
-def abandon_upload(port: int, path: str, announced: int, sent: int) -> None:
-    """Announce ``announced`` bytes of body, send ``sent`` of them, wait a little, hang up."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    head = f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {announced}\r\n\r\n".encode()
-    sock.sendall(head + b"a" * sent)
-    time.sleep(0.5)  # let Envoy pass the chunks on
-    sock.close()
 
 
 @pytest.mark.parametrize("route", ROUTES)

@@ -93,15 +93,20 @@ class Conversation:
 class FakeEnvoy:
     """A host served in-process on an ephemeral port, and a client that replays conversations."""
 
-    def __init__(self, port: int, channel: grpc.aio.Channel) -> None:
+    def __init__(self, port: int, channel: grpc.aio.Channel, servicer: ExternalProcessor) -> None:
         self.port = port
         self.channel = channel
+        self.servicer = servicer
         self.stub = pb_grpc.ExternalProcessorStub(channel)
 
-    async def converse(self, messages: Iterable[pb.ProcessingRequest], cancel_after: int | None = None) -> Conversation:
+    async def converse(
+        self, messages: Iterable[pb.ProcessingRequest], cancel_after: int | None = None, settle: bool = True
+    ) -> Conversation:
         """Send every message, half-close, collect every response and the final status.
 
         With ``cancel_after=N`` the call is cancelled after N responses (Envoy resetting the stream).
+        With ``settle`` (the default) it returns once the host has closed every stream's plugins;
+        conversations run concurrently pass ``settle=False``.
         """
         call = self.stub.Process(iter(list(messages)))
         responses: list[pb.ProcessingResponse] = []
@@ -112,10 +117,17 @@ class FakeEnvoy:
                     call.cancel()
                     break
         except grpc.aio.AioRpcError as exc:
-            return Conversation(responses, exc.code(), exc.details())
-        if cancel_after is not None:
-            return Conversation(responses, grpc.StatusCode.CANCELLED, None)
-        return Conversation(responses, await call.code(), await call.details())
+            conversation = Conversation(responses, exc.code(), exc.details())
+        else:
+            if cancel_after is not None:
+                conversation = Conversation(responses, grpc.StatusCode.CANCELLED, None)
+            else:
+                conversation = Conversation(responses, await call.code(), await call.details())
+        # Like Envoy, the client may see the status before the host has closed the stream's
+        # plugins: wait for that, so tests can look at what close did.
+        if settle:
+            await self.servicer.drain(timeout=10)
+        return conversation
 
 
 @contextlib.asynccontextmanager
@@ -130,7 +142,8 @@ async def fake_envoy(config_path: str, *extra_plugin_modules: object) -> AsyncIt
         pm.register(module)
     routes = build_routes(settings, discover(pm), config_path)
     server = grpc.aio.server(options=server_options(settings))
-    pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(Router(routes), pm), server)
+    servicer = ExternalProcessor(Router(routes), pm)
+    pb_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(
@@ -138,7 +151,8 @@ async def fake_envoy(config_path: str, *extra_plugin_modules: object) -> AsyncIt
         options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)],
     )
     try:
-        yield FakeEnvoy(port, channel)
+        yield FakeEnvoy(port, channel, servicer)
     finally:
         await channel.close()
         await server.stop(None)
+        await servicer.drain()

@@ -318,11 +318,11 @@ async def test_a_stalled_disk_write_holds_back_only_its_own_stream(tmp_path, mon
 
     monkeypatch.setattr(file_tee, "_os_write", write)
     async with fake_envoy(write_config(tmp_path, "queue_bytes = 0"), sample_plugins) as envoy:
-        slow = asyncio.ensure_future(envoy.converse(exchange(chunks=[b"SLOW" * 10, b"rest"])))
+        slow = asyncio.ensure_future(envoy.converse(exchange(chunks=[b"SLOW" * 10, b"rest"]), settle=False))
         try:
             assert await asyncio.to_thread(entered.wait, 30)
             # The slow stream's copy is stuck in its worker thread; another stream runs through.
-            fast = await envoy.converse(exchange(chunks=[b"fast"]))
+            fast = await envoy.converse(exchange(chunks=[b"fast"]), settle=False)
             assert fast.code == grpc.StatusCode.OK
             assert not slow.done()
             assert sorted(n.rsplit("-", 1)[1] for n in files(tmp_path) if not n.startswith(".")) == [

@@ -15,7 +15,6 @@ from extproc_host.settings import load_settings
 from . import sample_plugins
 from .fake_envoy import (
     BUFFERED,
-    FD,
     NONE,
     STREAMED,
     fake_envoy,

@@ -7,7 +7,7 @@ import pytest
 
 from extproc_host.cli import main
 
-from .fake_envoy import BUFFERED, FD, NONE, STREAMED, fake_envoy, request_body, request_headers, response_body, response_headers
+from .fake_envoy import BUFFERED, NONE, STREAMED, fake_envoy, request_body, request_headers, response_body, response_headers
 
 
 @pytest.fixture
