@@ -59,11 +59,14 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             error = StreamAborted(f"{cut}: Envoy cancelled the stream (client or upstream went away)") if cut else None
             raise
         finally:
-            # Shielded: a second cancel (server shutdown) must not cut the plugins' close short.
-            finishing = asyncio.ensure_future(self._finish(stream, error))
-            self._finishing.add(finishing)
-            finishing.add_done_callback(self._finishing.discard)
-            await asyncio.shield(finishing)
+            if stream.chain is None and not self._announce:
+                self.active -= 1  # no plugin instance to close and nobody to tell
+            else:
+                # Shielded: a second cancel (server shutdown) must not cut the plugins' close short.
+                finishing = asyncio.ensure_future(self._finish(stream, error))
+                self._finishing.add(finishing)
+                finishing.add_done_callback(self._finishing.discard)
+                await asyncio.shield(finishing)
 
     async def _finish(self, stream: StreamProcessor, error: BaseException | None) -> None:
         try:
