@@ -8,6 +8,7 @@ import logging
 import sys
 from importlib.metadata import version
 
+from .listeners import parse_address
 from .settings import ConfigError, load_settings, parse_listen
 
 COMMANDS = ("serve", "plugins", "check", "echo", "demo")
@@ -24,7 +25,11 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the ext_proc gRPC server (the default command)")
     serve.add_argument("--config", "-c", help="settings TOML file (default: built-in defaults)")
-    serve.add_argument("--listen", help="HOST:PORT to listen on, overriding [server] listen (port 0: any free port)")
+    serve.add_argument(
+        "--listen", help="HOST:PORT or unix:/path/to.sock to listen on, overriding [server] listen (port 0: any free port)"
+    )
+    serve.add_argument("--workers", type=int, help="processes serving the port (SO_REUSEPORT), overriding [server] workers")
+    serve.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)  # set by the --workers supervisor
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides [server] log_level")
 
     check = sub.add_parser("check", help="validate a settings file and its plugins' settings, then exit")
@@ -55,12 +60,14 @@ def _serve(args: argparse.Namespace) -> int:
     from .server import serve
 
     settings, pm, routes = _load(args.config)
-    if args.listen:
-        try:
-            parse_listen(args.listen)
-        except ValueError as exc:
-            raise ConfigError(f"--listen: {exc}") from None
+    try:
+        address = parse_address(args.listen or settings.server.listen)
+    except ValueError as exc:
+        raise ConfigError(f"--listen: {exc}") from None
     _configure_logging(args.log_level or settings.server.log_level)
+    workers = args.workers if args.workers is not None else settings.server.workers
+    if args.ready_fd is None and workers != 1:
+        return _supervise(args, address, workers)
     loop_factory = None
     if settings.server.event_loop == "uvloop":
         import uvloop
@@ -68,11 +75,31 @@ def _serve(args: argparse.Namespace) -> int:
         loop_factory = uvloop.new_event_loop
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(serve(settings, Router(routes), pm, args.listen))
+            if args.ready_fd is None:
+                runner.run(serve(settings, Router(routes), pm, args.listen))
+            else:
+                from .workers import announce_ready
+
+                ready = lambda _shown: announce_ready(args.ready_fd)  # noqa: E731
+                runner.run(serve(settings, Router(routes), pm, args.listen, reuse_port=True, on_ready=ready))
     except OSError as exc:
         print(f"extproc-host: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _supervise(args: argparse.Namespace, address, workers: int) -> int:
+    from .workers import supervise
+
+    if workers < 1:
+        raise ConfigError(f"--workers: must be at least 1, got {workers}")
+    if address.is_unix:
+        raise ConfigError(f"{args.config or 'environment'}: key 'server.workers': more than one worker needs a TCP listen address, not {address.target()}")
+    try:
+        return supervise(address, workers, config=args.config, log_level=args.log_level)
+    except OSError as exc:
+        print(f"extproc-host: {exc}", file=sys.stderr)
+        return 1
 
 
 def _check(args: argparse.Namespace) -> int:

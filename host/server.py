@@ -7,15 +7,16 @@ import gc
 import itertools
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import pluggy
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
+from .listeners import Listener, parse_address
 from .processor import Router, StreamAborted, StreamFailed, StreamProcessor
-from .settings import Settings, parse_listen
+from .settings import Settings
 
 log = logging.getLogger("extproc_host.server")
 
@@ -89,37 +90,43 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 await asyncio.sleep(0.005)
 
 
-def server_options(settings: Settings) -> list[tuple[str, int]]:
+def server_options(settings: Settings, reuse_port: bool = False) -> list[tuple[str, int]]:
     limit = settings.server.max_message_bytes
     return [
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
-        # Fail loudly when the port is taken instead of silently sharing it.
-        ("grpc.so_reuseport", 0),
+        # One process: fail loudly when the port is taken instead of silently sharing it.
+        # Workers (workers.py) share the port their supervisor checked was free.
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
 
 
-async def serve(settings: Settings, router: Router, pm: pluggy.PluginManager, listen: str | None = None) -> None:
-    """Run until SIGTERM/SIGINT; prints ``extproc-host listening on HOST:PORT`` once bound."""
-    address = listen or settings.server.listen
-    host, port = parse_listen(address)
-    server = grpc.aio.server(options=server_options(settings))
+async def serve(
+    settings: Settings,
+    router: Router,
+    pm: pluggy.PluginManager,
+    listen: str | None = None,
+    *,
+    reuse_port: bool = False,
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
+    """Run until SIGTERM/SIGINT; prints ``extproc-host listening on ADDRESS`` once bound, or,
+    as a worker, calls ``on_ready(ADDRESS)`` instead (its supervisor prints the line)."""
+    listener = Listener(parse_address(listen or settings.server.listen), settings.server.tls)
+    server = grpc.aio.server(options=server_options(settings, reuse_port))
     servicer = ExternalProcessor(router, pm)
     pb_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
-    bind_host = f"[{host}]" if ":" in host else host
-    try:
-        bound = server.add_insecure_port(f"{bind_host}:{port}")
-    except RuntimeError as exc:
-        raise OSError(f"cannot listen on {address}: {exc}") from None
-    if bound == 0:
-        raise OSError(f"cannot listen on {address} (address in use or not available)")
+    shown = listener.bind(server)  # a Unix socket file is removed at exit
     await server.start()
     pm.hook.host_started(settings=settings)
     # Everything loaded so far lives as long as the process: keep it out of every collection.
     gc.collect()
     gc.freeze()
-    print(f"extproc-host listening on {bind_host}:{bound}", flush=True)
-    log.info("serving routes %s on %s:%s", ", ".join(router.plans), bind_host, bound)
+    if on_ready is None:
+        print(f"extproc-host listening on {shown}", flush=True)
+    else:
+        on_ready(shown)
+    log.info("serving routes %s on %s%s", ", ".join(router.plans), shown, " (TLS)" if listener.tls else "")
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

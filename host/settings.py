@@ -27,6 +27,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from .listeners import TlsSettings, parse_address
+
 DEFAULT_LISTEN = "127.0.0.1:9001"
 
 _toml_file: ContextVar[Path | None] = ContextVar("_toml_file", default=None)
@@ -58,11 +60,15 @@ class ServerSettings(BaseModel):
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     # Modules to load as plugins without installing them (development, tests).
     plugin_modules: list[str] = Field(default_factory=list)
+    # Processes serving one TCP port (SO_REUSEPORT), to use more than one core (workers.py).
+    workers: int = Field(default=1, ge=1, le=256)
+    # TLS, or mutual TLS with client_ca_file (listeners.py).
+    tls: TlsSettings | None = None
 
     @field_validator("listen")
     @classmethod
     def _check_listen(cls, value: str) -> str:
-        parse_listen(value)
+        parse_address(value)  # HOST:PORT or unix:/path
         return value
 
 

@@ -29,7 +29,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ import yaml
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 _LISTENING = re.compile(r"listening on (?:https?://)?\[?([^\s\]]+?)\]?:(\d+)\s*$", re.MULTILINE)
+_LISTENING_UNIX = re.compile(r"listening on unix:(\S+)\s*$", re.MULTILINE)
 _live_stacks: set[Stack] = set()
 
 
@@ -117,9 +118,11 @@ def rewrite_envoy_config(
     extproc_port: int | None,
     upstream_port: int,
     address: str = "127.0.0.1",
+    extproc_pipe: str | None = None,
 ) -> dict[str, Any]:
     """A copy of an Envoy bootstrap with listeners and admin on ``address`` port 0 and the
-    ``extproc`` and ``upstream`` clusters pointed at 127.0.0.1 and the given ports."""
+    ``extproc`` and ``upstream`` clusters pointed at 127.0.0.1 and the given ports (the
+    ``extproc`` cluster at the Unix socket ``extproc_pipe`` instead, when given)."""
     config: dict[str, Any] = json.loads(json.dumps(template))  # deep copy, plain types
     admin_address = config.setdefault("admin", {}).setdefault("address", {})
     admin_address["socket_address"] = {"address": "127.0.0.1", "port_value": 0}
@@ -133,27 +136,24 @@ def rewrite_envoy_config(
         if name not in ports:
             continue
         seen.add(name)
-        if ports[name] is None:
+        if name == "extproc" and extproc_pipe is not None:
+            seen.add(name)
+            socket_address: dict[str, Any] = {"pipe": {"path": extproc_pipe}}
+        elif ports[name] is None:
             raise StackError(f"the Envoy config has a {name!r} cluster but the stack runs no host")
+        else:
+            socket_address = {"socket_address": {"address": "127.0.0.1", "port_value": ports[name]}}
         cluster["load_assignment"] = {
             "cluster_name": name,
             "endpoints": [
                 {
-                    "lb_endpoints": [
-                        {
-                            "endpoint": {
-                                "address": {
-                                    "socket_address": {"address": "127.0.0.1", "port_value": ports[name]}
-                                }
-                            }
-                        }
-                    ]
+                    "lb_endpoints": [{"endpoint": {"address": socket_address}}]
                 }
             ],
         }
     if "upstream" not in seen:
         raise StackError("the Envoy config has no 'upstream' cluster")
-    if extproc_port is not None and "extproc" not in seen:
+    if (extproc_port is not None or extproc_pipe is not None) and "extproc" not in seen:
         raise StackError("the stack runs a host but the Envoy config has no 'extproc' cluster")
     return config
 
@@ -171,6 +171,10 @@ class Stack:
     ``host_env``: extra environment variables for the host.
     ``echo_command``: the upstream, default ``extproc-host echo --listen 127.0.0.1:0``.
     ``concurrency``: Envoy worker threads.
+    ``host_listen``: the host's ``--listen``, default ``127.0.0.1:0``; ``unix:/path`` points
+    Envoy's ``extproc`` cluster at that socket (``pipe``).
+    ``envoy_edit``: called with the rewritten Envoy bootstrap (a dict) before Envoy starts,
+    to change it in place (e.g. TLS on the ``extproc`` cluster).
     """
 
     def __init__(
@@ -189,6 +193,8 @@ class Stack:
         stop_timeout: float = 10.0,
         keep_temp: bool = False,
         start: bool = True,
+        host_listen: str = "127.0.0.1:0",
+        envoy_edit: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.envoy_template = project_path(envoy_config)
         self.host_command = list(host_command) if host_command is not None else None
@@ -204,6 +210,9 @@ class Stack:
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
         self.keep_temp = keep_temp
+        self.host_listen = host_listen
+        self.envoy_edit = envoy_edit
+        self.host_socket: str | None = None  # the host's Unix socket, when it listens on one
 
         self.tmpdir: Path | None = None
         self._procs: dict[str, _Proc] = {}
@@ -271,13 +280,15 @@ class Stack:
                     "--config",
                     str(self.host_config),
                     "--listen",
-                    "127.0.0.1:0",
+                    self.host_listen,
                     *self.host_args,
                 ]
                 self._spawn("host", cmd, env=self.host_env)
             deadline = time.monotonic() + self.startup_timeout
             self.echo_port = self._wait_listening("echo", deadline)
-            if "host" in self._procs:
+            if "host" in self._procs and self.host_listen.startswith("unix:"):
+                self.host_socket = self._wait_listening_unix("host", deadline)
+            elif "host" in self._procs:
                 self.host_port = self._wait_listening("host", deadline)
             self._start_envoy(deadline)
         except BaseException as exc:
@@ -313,15 +324,21 @@ class Stack:
         return proc
 
     def _wait_listening(self, name: str, deadline: float) -> int:
+        return int(self._wait_line(name, deadline, _LISTENING).group(2))
+
+    def _wait_listening_unix(self, name: str, deadline: float) -> str:
+        return self._wait_line(name, deadline, _LISTENING_UNIX).group(1)
+
+    def _wait_line(self, name: str, deadline: float, pattern: re.Pattern[str]) -> re.Match[str]:
         proc = self._procs[name]
         while True:
             try:
                 text = proc.stdout.read_text(errors="replace")
             except OSError:
                 text = ""
-            match = _LISTENING.search(text)
+            match = pattern.search(text)
             if match:
-                return int(match.group(2))
+                return match
             code = proc.popen.poll()
             if code is not None:
                 raise StackError(f"{name} exited with code {code} before listening: {proc.popen.args}")
@@ -332,7 +349,11 @@ class Stack:
     def _start_envoy(self, deadline: float) -> None:
         assert self.tmpdir is not None
         template = yaml.safe_load(self.envoy_template.read_text())
-        config = rewrite_envoy_config(template, extproc_port=self.host_port, upstream_port=self.echo_port or 0)
+        config = rewrite_envoy_config(
+            template, extproc_port=self.host_port, upstream_port=self.echo_port or 0, extproc_pipe=self.host_socket
+        )
+        if self.envoy_edit is not None:
+            self.envoy_edit(config)
         config_path = self.tmpdir / "envoy.json"
         config_path.write_text(json.dumps(config, indent=1))
         admin_path = self.tmpdir / "envoy-admin-address"
@@ -427,6 +448,7 @@ class Stack:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
         self.tmpdir = None
         self.echo_port = self.host_port = self.envoy_port = None
+        self.host_socket = None
         self.admin_address = None
         _live_stacks.discard(self)
 

@@ -1,0 +1,191 @@
+"""``--workers N``: N server processes on one TCP port, so the host can use more than one core.
+
+The supervisor (the process started by the user) checks that the port is free (picking one for
+port 0), then starts N children, each running the ordinary server bound with SO_REUSEPORT: the
+kernel spreads incoming connections across them. Envoy sends many streams over one HTTP/2
+connection, so what is spread is connections (see the README on Envoy's side).
+
+It prints ``extproc-host listening on HOST:PORT`` once every child is serving, forwards
+SIGTERM and SIGINT to the children and waits for them. It restarts nothing: a child that dies
+unexpectedly makes the supervisor stop the others and exit 1, so whatever runs the host
+(systemd, Kubernetes) restarts it as a whole. On Linux the children get SIGTERM if the
+supervisor dies (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from .listeners import ListenAddress
+
+log = logging.getLogger("extproc_host.workers")
+
+READY = b"ready\n"
+_PR_SET_PDEATHSIG = 1
+
+
+class WorkerError(RuntimeError):
+    """A worker failed to start or died."""
+
+
+def check_port_free(address: ListenAddress) -> ListenAddress:
+    """Bind the address once without SO_REUSEPORT (so a port already taken, even by a group of
+    reuseport sockets, is refused) and return it with the real port (for port 0)."""
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.bind((address.host, address.port))
+        port = probe.getsockname()[1]
+    except OSError as exc:
+        raise OSError(f"cannot listen on {address.target()}: {exc.strerror or exc}") from None
+    finally:
+        probe.close()
+    return address.with_port(port)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the supervisor dies (Linux only)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def worker_command(config: str | None, listen: str, ready_fd: int, log_level: str | None) -> list[str]:
+    """The command line of one worker: the ordinary server, told to share the port."""
+    cmd = [sys.executable, "-m", "extproc_host", "serve", "--listen", listen, "--ready-fd", str(ready_fd)]
+    if config:
+        cmd += ["--config", config]
+    if log_level:
+        cmd += ["--log-level", log_level]
+    return cmd
+
+
+class Supervisor:
+    """Starts ``count`` workers on ``address`` and watches them until they have all exited."""
+
+    def __init__(
+        self, address: ListenAddress, count: int, *, config: str | None, log_level: str | None, ready_timeout: float = 60.0
+    ) -> None:
+        self.address = address
+        self.count = count
+        self.config = config
+        self.log_level = log_level
+        self.ready_timeout = ready_timeout
+        self.children: dict[int, subprocess.Popen[bytes]] = {}
+        self.stopping = False
+
+    def run(self) -> int:
+        """Serve until a signal (exit 0 when every worker exited cleanly) or a worker's
+        unexpected death (exit 1)."""
+        self.address = check_port_free(self.address)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._forward)
+        try:
+            self._start_all()
+        except WorkerError as exc:
+            print(f"extproc-host: {exc}", file=sys.stderr, flush=True)
+            self._stop_all(signal.SIGTERM)
+            self._reap_all()
+            return 1
+        if not self.stopping:
+            pids = ", ".join(str(pid) for pid in self.children)
+            log.info("%d workers serving on %s (pids %s)", self.count, self.address.target(), pids)
+            print(f"extproc-host listening on {self.address.target()}", flush=True)
+        return self._reap_all()
+
+    def _start_all(self) -> None:
+        pipes: dict[int, int] = {}  # read end -> pid
+        try:
+            for _ in range(self.count):
+                if self.stopping:
+                    return
+                read_end, write_end = os.pipe()
+                cmd = worker_command(self.config, self.address.target(), write_end, self.log_level)
+                child = subprocess.Popen(cmd, pass_fds=(write_end,), preexec_fn=_die_with_parent)
+                os.close(write_end)
+                self.children[child.pid] = child
+                pipes[read_end] = child.pid
+            self._wait_ready(pipes)
+        finally:
+            for fd in pipes:
+                os.close(fd)
+
+    def _wait_ready(self, pipes: dict[int, int]) -> None:
+        deadline = time.monotonic() + self.ready_timeout
+        waiting = dict(pipes)
+        received: dict[int, bytes] = {fd: b"" for fd in pipes}
+        while waiting and not self.stopping:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WorkerError(f"{len(waiting)} of {self.count} workers not ready within {self.ready_timeout:.0f}s")
+            readable, _, _ = select.select(list(waiting), [], [], min(left, 0.5))
+            for fd in readable:
+                data = os.read(fd, 64)
+                received[fd] += data
+                if received[fd].startswith(READY):
+                    del waiting[fd]
+                elif not data:  # closed without a word: the worker exited during start-up
+                    pid = waiting.pop(fd)
+                    if self.stopping:
+                        continue
+                    code = self.children[pid].wait()
+                    raise WorkerError(f"worker {pid} exited with code {code} during start-up")
+
+    def _forward(self, signum: int, _frame: object) -> None:
+        if not self.stopping:
+            log.info("stopping %d workers (%s)", len(self.children), signal.Signals(signum).name)
+        self._stop_all(signum)
+
+    def _stop_all(self, signum: int) -> None:
+        self.stopping = True
+        for child in self.children.values():
+            if child.returncode is None:
+                try:
+                    child.send_signal(signum)
+                except ProcessLookupError:
+                    pass
+
+    def _reap_all(self) -> int:
+        """Wait for every worker; 0 if all exited cleanly after a stop, else 1."""
+        status = 0
+        while any(child.returncode is None for child in self.children.values()):
+            try:
+                pid, raw = os.wait()
+            except ChildProcessError:
+                break
+            child = self.children.get(pid)
+            if child is None:
+                continue
+            child.returncode = code = os.waitstatus_to_exitcode(raw)
+            if not self.stopping:
+                log.error("worker %d exited unexpectedly (code %d): stopping the others", pid, code)
+                print(f"extproc-host: worker {pid} exited unexpectedly with code {code}", file=sys.stderr, flush=True)
+                status = 1
+                self._stop_all(signal.SIGTERM)
+            elif code != 0:
+                log.error("worker %d exited with code %d", pid, code)
+                status = 1
+        return status
+
+
+def announce_ready(fd: int) -> None:
+    """In a worker: tell the supervisor the server is serving, then close the pipe."""
+    try:
+        os.write(fd, READY)
+    finally:
+        os.close(fd)
+
+
+def supervise(address: ListenAddress, count: int, *, config: str | None, log_level: str | None) -> int:
+    """Run ``count`` workers on ``address`` until stopped; the process's exit status."""
+    return Supervisor(address, count, config=config, log_level=log_level).run()
