@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-unit test-e2e bench bench-plugins clean
+.PHONY: venv demo test test-unit test-e2e bench bench-plugins bench-workers clean
 
 venv: $(STAMP)
 
@@ -37,6 +37,10 @@ bench-plugins: venv
 		--plugin file_tee=benchmarks/file_tee.toml \
 		--plugin zstd=benchmarks/zstd.toml \
 		--plugin replace=benchmarks/replace.toml $(ARGS)
+
+## make bench-workers: the host with one process vs --workers 2 (SO_REUSEPORT), same Envoy, same load.
+bench-workers: venv
+	$(VENV)/bin/python benchmarks/run.py --setups host --host-workers 2 $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/run.py --runs 1 --size-mib 8 --uploads 2 --duration 3   # quick
     make bench ARGS="--only upload --setups minimal,host"
     make bench-plugins                                  # host vs host + file_tee / zstd / replace
+    make bench-workers                                  # host with 1 worker vs --workers 2
 
 Setups (each on its own fresh stack of echo upstream + ext_proc server + Envoy, ephemeral ports):
   direct   envoy/direct.yaml: no ext_proc filter, Envoy -> echo.
@@ -13,6 +14,11 @@ Setups (each on its own fresh stack of echo upstream + ext_proc server + Envoy, 
            CONFIG: a plugin setup, compared with `host` in a table of its own. What the config's
            chains use decides what the benchmark provides (see HostSetup): file_tee gets a
            fresh tee directory per stack, replace gets the upload file as its response_file.
+  host-wN  (--host-workers N, comma-separated) the host setup's config run with --workers N,
+           compared with `host`. Envoy keeps one HTTP/2 connection per worker thread to a
+           cluster, and SO_REUSEPORT spreads connections, not streams: with --host-workers every
+           host setup (`host` included) gets an ext_proc cluster limited to
+           WORKER_STREAMS_PER_CONNECTION streams per connection, so Envoy opens several.
 
 Workloads:
   upload         N concurrent curl uploads of one file to /full-duplex-streamed, echoed back and
@@ -75,6 +81,8 @@ ACCEPT_ENCODING = "deflate, gzip, br, zstd"
 # EXTPROC_PLUGINS__X__Y to [plugins.x] y, over the TOML file's value).
 TEE_DIRECTORY_ENV = "EXTPROC_PLUGINS__FILE_TEE__DIRECTORY"
 REPLACE_RESPONSE_ENV = "EXTPROC_PLUGINS__REPLACE__RESPONSE_FILE"
+# With --host-workers: streams Envoy puts on one connection to the host before opening another.
+WORKER_STREAMS_PER_CONNECTION = 8
 
 # The figures of the report: key, label, unit-less format, the workload that produces it.
 METRICS = (
@@ -112,6 +120,7 @@ class HostSetup:
     config: Path
     chains: dict[str, list[str]] = field(default_factory=dict)
     plugin_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    workers: int = 1
 
     @classmethod
     def load(cls, name: str, config: str | os.PathLike[str]) -> HostSetup:
@@ -189,6 +198,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="NAME=CONFIG",
         help="add a setup NAME: the host with settings file CONFIG, compared with `host` (repeatable)",
     )
+    parser.add_argument(
+        "--host-workers",
+        default="",
+        metavar="N[,N...]",
+        help="add a setup host-wN per N: the host setup's config with --workers N, compared with `host`",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--no-install", action="store_true", help="do not try to apt-get install wrk when it is missing")
     args = parser.parse_args(argv)
@@ -216,6 +231,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         except (OSError, tomllib.TOMLDecodeError) as exc:
             parser.error(f"--plugin {item}: {exc}")
         args.setups.append(name)
+    for text in filter(None, (part.strip() for part in args.host_workers.split(","))):
+        if not text.isdigit() or not 1 <= int(text) <= 64:
+            parser.error(f"--host-workers: expected numbers from 1 to 64, got {text!r}")
+        name = f"host-w{int(text)}"
+        if name not in args.host_setups:
+            base = args.host_setups["host"]
+            args.host_setups[name] = HostSetup(name, base.config, base.chains, base.plugin_settings, workers=int(text))
+            args.setups.append(name)
+    args.split_connections = bool(args.host_workers.strip())
     args.plugin_setups = [name for name in args.setups if name not in SETUPS]
     if args.plugin_setups and "host" not in args.setups:
         console.print("[yellow]no `host` in --setups: the plugin setups' ratio table stays empty[/yellow]")
@@ -254,7 +278,21 @@ def make_stack(setup: str, args: argparse.Namespace, upload: tuple[Path, str] | 
     if host.replaces_with_upload:
         assert upload is not None
         env[REPLACE_RESPONSE_ENV] = str(upload[0])
+    if host.workers != 1:
+        common["host_args"] = ["--workers", str(host.workers)]
+    if args.split_connections:
+        common["envoy_edit"] = limit_extproc_streams
     return Stack("envoy/full_duplex.yaml", host_config=host.config, host_env=env, **common)
+
+
+def limit_extproc_streams(config: dict[str, Any]) -> None:
+    """Envoy edit: at most WORKER_STREAMS_PER_CONNECTION streams per connection to the host, so
+    that concurrent exchanges open several connections for SO_REUSEPORT to spread."""
+    for cluster in config["static_resources"]["clusters"]:
+        if cluster["name"] == "extproc":
+            options = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+            h2 = options["explicit_http_config"]["http2_protocol_options"]
+            h2["max_concurrent_streams"] = WORKER_STREAMS_PER_CONNECTION
 
 
 def decode_body(raw: bytes, encoding: str) -> bytes:
@@ -671,7 +709,7 @@ def report(
         host_ratios_table(ratio, verdicts, labels)
     if args.plugin_setups and "host" in args.setups:
         names = [f"{name}/host" for name in args.plugin_setups]
-        plugin_table = Table(title="plugin setups / host (passthrough)", title_justify="left")
+        plugin_table = Table(title="setups / host (passthrough, one process)", title_justify="left")
         plugin_table.add_column("figure")
         for name in names:
             plugin_table.add_column(name, justify="right")
@@ -780,7 +818,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for name, host in args.host_setups.items():
         if name in args.setups:
-            console.print(f"  {name}: extproc-host --config {os.path.relpath(host.config, ROOT)}", soft_wrap=True)
+            workers = f" --workers {host.workers}" if host.workers != 1 else ""
+            console.print(f"  {name}: extproc-host --config {os.path.relpath(host.config, ROOT)}{workers}", soft_wrap=True)
+    if args.split_connections:
+        console.print(f"  Envoy -> host: at most {WORKER_STREAMS_PER_CONNECTION} streams per HTTP/2 connection", soft_wrap=True)
 
     tmp = Path(tempfile.mkdtemp(prefix="extproc-bench-"))
     try:
@@ -807,7 +848,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": [sys.argv[0], *(sys.argv[1:] if argv is None else argv)],
         "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "host_setups"},
         "host_setups": {
-            name: {"config": str(h.config), "chains": h.chains, "plugins": h.plugin_settings}
+            name: {"config": str(h.config), "chains": h.chains, "plugins": h.plugin_settings, "workers": h.workers}
             for name, h in args.host_setups.items()
             if name in args.setups
         },
