@@ -89,12 +89,16 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _supervise(args: argparse.Namespace, address, workers: int) -> int:
+    """Run ``workers`` server processes on ``address`` (workers.py); the exit status."""
     from .workers import supervise
 
     if workers < 1:
         raise ConfigError(f"--workers: must be at least 1, got {workers}")
     if address.is_unix:
-        raise ConfigError(f"{args.config or 'environment'}: key 'server.workers': more than one worker needs a TCP listen address, not {address.target()}")
+        source = args.config or "environment"
+        raise ConfigError(
+            f"{source}: key 'server.workers': more than one worker needs a TCP listen address, not {address.target()}"
+        )
     try:
         return supervise(address, workers, config=args.config, log_level=args.log_level)
     except OSError as exc:

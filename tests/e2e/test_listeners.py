@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import trustme
 from e2e_clients import KiB, h1_request
@@ -249,3 +250,30 @@ def test_bad_tls_settings_stop_the_host_with_status_2(tmp_path: Path, pki: dict[
     assert f"{config}: key 'server.tls.key_file'" in result.stderr
     assert "missing.key" in result.stderr
 
+
+
+def test_mutual_tls_on_a_unix_socket(short_dir: Path, pki: dict[str, Path], payload) -> None:
+    with Stack(
+        "envoy/full_duplex.yaml",
+        host_config=host_config(short_dir, tls_settings(pki, mutual=True)),
+        host_listen=f"unix:{short_dir}/tls.sock",
+        host_env={"PYTHONPATH": PYTHONPATH},
+        envoy_edit=envoy_tls(pki["ca"], client=(pki["client_cert"], pki["client_key"])),
+    ) as stack:
+        roundtrip(stack, payload(64 * KiB))
+        assert stack.envoy_stats(r"cluster\.extproc\.ssl\.handshake")["cluster.extproc.ssl.handshake"] >= 1
+
+
+def test_mutual_tls_with_two_workers(tmp_path: Path, pki: dict[str, Path], payload) -> None:
+    body = payload(64 * KiB)
+    with Stack(
+        "envoy/full_duplex.yaml",
+        host_config=host_config(tmp_path, tls_settings(pki, mutual=True)),
+        host_args=["--workers", "2"],
+        host_env={"PYTHONPATH": PYTHONPATH},
+        envoy_edit=envoy_tls(pki["ca"], client=(pki["client_cert"], pki["client_key"])),
+    ) as stack:
+        workers = {str(child.pid) for child in psutil.Process(stack.pids["host"]).children()}
+        echoed = asyncio.run(h1_request(stack.url + "/full-duplex-streamed", body=body))
+        assert echoed.status == 200 and (echoed.size, echoed.sha256) == (body.size, body.sha256)
+        assert echoed.headers.get("x-worker-pid") in workers
