@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 from .listeners import ListenAddress
 
@@ -51,13 +52,23 @@ def check_port_free(address: ListenAddress) -> ListenAddress:
     return address.with_port(port)
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the supervisor dies (Linux only)."""
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A pre-exec hook that makes the child get SIGTERM when the supervisor dies (Linux), or
+    None. libc and prctl are looked up here, in the parent: between fork and exec the child
+    only makes the call."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
+        return None
+
+    parent = os.getpid()
+
+    def hook() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the supervisor died before the call took effect
+            os._exit(1)
+
+    return hook
 
 
 def worker_command(config: str | None, listen: str, ready_fd: int, log_level: str | None) -> list[str]:
@@ -105,13 +116,14 @@ class Supervisor:
 
     def _start_all(self) -> None:
         pipes: dict[int, int] = {}  # read end -> pid
+        die_with_parent = _parent_death_signal()
         try:
             for _ in range(self.count):
                 if self.stopping:
                     return
                 read_end, write_end = os.pipe()
                 cmd = worker_command(self.config, self.address.target(), write_end, self.log_level)
-                child = subprocess.Popen(cmd, pass_fds=(write_end,), preexec_fn=_die_with_parent)
+                child = subprocess.Popen(cmd, pass_fds=(write_end,), preexec_fn=die_with_parent)
                 os.close(write_end)
                 self.children[child.pid] = child
                 pipes[read_end] = child.pid
