@@ -17,7 +17,8 @@ from extproc_host.stack import Stack
 pytestmark = pytest.mark.e2e
 
 ROUTE = "/anything/else"  # envoy/full_duplex.yaml's default route: FULL_DUPLEX_STREAMED
-KILL_AFTER = 8 * MiB  # request bytes sent before the host is killed
+KILL_AFTER = 4  # ext_proc messages Envoy has sent the host for the upload (headers + chunks)
+SENT = "http.ingress.ext_proc.stream_msgs_sent"
 
 
 @pytest.fixture
@@ -30,36 +31,34 @@ def killable_stack(tmp_path):
 
 
 async def upload_and_kill(stack: Stack, body: Payload) -> tuple[int | None, int, str, BaseException | None]:
-    """Upload ``body``; once KILL_AFTER bytes are sent, SIGKILL the host. Returns the status
-    (None if none arrived), the bytes received, their sha256, and the client error if any."""
-    sent_enough = asyncio.Event()
+    """Upload ``body``; once Envoy has sent the host the headers and some body chunks of it,
+    SIGKILL the host. Returns the status (None if none arrived), the bytes received, their
+    sha256, and the client error if any."""
+    baseline = stack.envoy_stats(SENT).get(SENT, 0)
 
-    async def chunks():
-        sent = 0
-        async for block in body.chunks():
-            yield block
-            sent += len(block)
-            if sent >= KILL_AFTER:
-                sent_enough.set()
+    def kill_mid_stream() -> int:
+        deadline = time.monotonic() + 30
+        while (sent := stack.envoy_stats(SENT).get(SENT, 0) - baseline) < KILL_AFTER:
+            assert time.monotonic() < deadline, f"Envoy sent the host only {sent} messages"
+            time.sleep(0.005)
+        stack.kill_host()
+        return sent
 
-    async def killer():
-        await sent_enough.wait()
-        await asyncio.to_thread(stack.kill_host)
-
-    kill = asyncio.ensure_future(killer())
+    kill = asyncio.ensure_future(asyncio.to_thread(kill_mid_stream))
     status, size, digest, error = None, 0, hashlib.sha256(), None
     headers = {"content-type": "application/octet-stream", "content-length": str(body.size)}
     try:
         timeout = aiohttp.ClientTimeout(total=60, sock_connect=10)
         async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as session:
-            async with session.post(stack.url + ROUTE, data=chunks(), headers=headers) as response:
+            async with session.post(stack.url + ROUTE, data=body.chunks(), headers=headers) as response:
                 status = response.status
                 async for block in response.content.iter_chunked(MiB):
                     digest.update(block)
                     size += len(block)
     except (aiohttp.ClientError, ConnectionError) as exc:  # a reset mid-exchange
         error = exc
-    await asyncio.wait_for(kill, timeout=30)  # the host was killed, whatever the client saw
+    sent = await asyncio.wait_for(kill, timeout=60)  # the host was killed, whatever the client saw
+    print(f"host killed after Envoy sent it {sent} messages of the upload")
     return status, size, digest.hexdigest(), error
 
 
