@@ -24,7 +24,7 @@ DELAY_MS = 20
 # Peak host RSS growth allowed during the upload, over its RSS before. A host that read ahead
 # of its chain without limit would hold a large part of the 70 MiB body (plus the echo
 # coming back); one that keeps pace holds a few chunks of up to 1 MiB per direction and
-# grpc's receive window. Runs on 2 shared cores measured +10..+13 MiB (+4 MiB with grpc's
+# grpc's receive window. Runs on 2 shared cores measured +10..+14 MiB (+4 MiB with grpc's
 # BDP probing off, which keeps the receive window from growing).
 HOST_GROWTH_BOUND = 35 * MiB
 
