@@ -82,6 +82,22 @@ class StreamFailed(Exception):
     """The stream must end with a gRPC error: Envoy then fails the request (fail_closed)."""
 
 
+class ProtocolError(StreamFailed):
+    """The data plane broke the ext_proc protocol (a message out of order, a message with no
+    kind, an unknown body mode): the stream ends with INVALID_ARGUMENT."""
+
+
+# ProcessingRequest kind -> (direction attribute, part of the exchange it carries).
+_PARTS = {
+    "request_headers": ("request", "headers"),
+    "response_headers": ("response", "headers"),
+    "request_body": ("request", "body"),
+    "response_body": ("response", "body"),
+    "request_trailers": ("request", "trailers"),
+    "response_trailers": ("response", "trailers"),
+}
+
+
 class Router:
     """Picks a route's chain plan: by Envoy route name, else by path prefix, else ``default``."""
 
@@ -144,6 +160,8 @@ class Direction:
     body_expected: bool = False
     body_seen: bool = False
     ended: bool = False
+    headers_seen: bool = False
+    trailers_seen: bool = False
 
 
 @dataclass
@@ -174,10 +192,39 @@ class StreamProcessor:
         if self.plan is None:
             self._start(req)
         kind = req.WhichOneof("request")
+        self._check_order(kind)
         try:
             return await self._dispatch(kind, req)
         except PluginError as exc:
             return await self._plugin_failed(kind, req, exc)
+
+    def _check_order(self, kind: str | None) -> None:
+        """Raise ProtocolError for a message Envoy never sends at this point of the exchange.
+
+        Allowed: any direction first (header messages may be skipped by the processing mode),
+        the response while the request body still streams (full duplex). Refused: a message
+        with no kind, headers twice or after their body started, a body chunk after its body
+        ended (end_of_stream, trailers, or headers that ended the stream), trailers twice.
+        """
+        part = _PARTS.get(kind)  # type: ignore[arg-type]
+        if part is None:
+            raise ProtocolError(f"ProcessingRequest carries no known message ({kind!r})")
+        d = self.request if part[0] == "request" else self.response
+        what = part[1]
+        if what == "body":
+            if d.ended:
+                why = "trailers" if d.trailers_seen else "end_of_stream"
+                raise ProtocolError(f"{d.name} body chunk after the {d.name} body ended ({why})")
+        elif what == "headers":
+            if d.headers_seen:
+                raise ProtocolError(f"{d.name} headers sent twice")
+            if d.body_seen or d.trailers_seen:
+                raise ProtocolError(f"{d.name} headers after the {d.name} body or trailers")
+            d.headers_seen = True
+        else:
+            if d.trailers_seen:
+                raise ProtocolError(f"{d.name} trailers sent twice")
+            d.trailers_seen = True
 
     def stream_info(self, first: pb.ProcessingRequest | None = None) -> StreamInfo:
         """The StreamInfo plugins see, built on first use."""
@@ -195,6 +242,11 @@ class StreamProcessor:
         if req.HasField("protocol_config"):
             self.request.mode = req.protocol_config.request_body_mode
             self.response.mode = req.protocol_config.response_body_mode
+            for d in (self.request, self.response):
+                if d.mode not in MODE_NAMES:
+                    bad, d.mode = d.mode, NONE
+                    self.plan = self.router.default  # nothing is built for a stream refused here
+                    raise ProtocolError(f"protocol_config: unknown {d.name} body mode {bad}")
         route_name = None
         if ATTRIBUTES_KEY in req.attributes:
             value = req.attributes[ATTRIBUTES_KEY].fields.get(ROUTE_ATTRIBUTE)
@@ -233,7 +285,7 @@ class StreamProcessor:
             return await self._trailers(self.request, kind, req.request_trailers.trailers)
         if kind == "response_trailers":
             return await self._trailers(self.response, kind, req.response_trailers.trailers)
-        raise StreamFailed(f"unexpected ProcessingRequest with no message ({kind!r})")
+        raise ProtocolError(f"ProcessingRequest carries no known message ({kind!r})")
 
     def _active(self) -> Chain | None:
         return None if self.bypass else self.chain

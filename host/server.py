@@ -13,9 +13,10 @@ import grpc
 import pluggy
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from google.protobuf.message import DecodeError
 
 from .listeners import Listener, parse_address
-from .processor import Router, StreamAborted, StreamFailed, StreamProcessor
+from .processor import ProtocolError, Router, StreamAborted, StreamFailed, StreamProcessor
 from .settings import Settings
 
 log = logging.getLogger("extproc_host.server")
@@ -51,6 +52,14 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                             yield response
                 if stream.finished:
                     break
+        except ProtocolError as exc:
+            error = exc
+            log.warning("stream %s: ext_proc protocol error: %s", stream.stream_id, exc)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except DecodeError as exc:  # bytes that are not a ProcessingRequest
+            error = ProtocolError(f"undecodable ProcessingRequest: {exc}")
+            log.warning("stream %s: %s", stream.stream_id, error)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except StreamFailed as exc:
             error = exc
             await context.abort(grpc.StatusCode.INTERNAL, str(exc))

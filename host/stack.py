@@ -460,6 +460,40 @@ class Stack:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
+    # -- faults -----------------------------------------------------------------------
+
+    def kill_host(self) -> None:
+        """SIGKILL the host's whole process group (a crash: no shutdown, no goodbye to Envoy)
+        and wait for it to be gone. Envoy keeps running and keeps pointing at the host's port."""
+        with self._lock:
+            proc = self._procs.get("host")
+        if proc is None:
+            raise StackError("the stack runs no host")
+        _signal_group(proc.popen, signal.SIGKILL)
+        proc.popen.wait(timeout=self.stop_timeout)
+
+    def restart_host(self) -> None:
+        """Start the host again, same settings and arguments, on the SAME port (Envoy's
+        ``extproc`` cluster still points there); returns once it listens."""
+        if self.host_config is None or self.host_port is None:
+            raise StackError("restart_host needs a host run from host_config")
+        with self._lock:
+            old = self._procs.get("host")
+        if old is not None and old.popen.poll() is None:
+            raise StackError("the host is still running: kill_host() first")
+        cmd = [
+            *extproc_host_command(),
+            "--config",
+            str(self.host_config),
+            *self.host_args,
+            "--listen",  # after host_args: the last --listen wins
+            f"127.0.0.1:{self.host_port}",
+        ]
+        self._spawn("host", cmd, env=self.host_env)
+        port = self._wait_listening("host", time.monotonic() + self.startup_timeout)
+        if port != self.host_port:
+            raise StackError(f"the restarted host listens on {port}, not {self.host_port}")
+
     # -- memory -----------------------------------------------------------------------
 
     def envoy_rss(self) -> int:

@@ -131,10 +131,13 @@ class FakeEnvoy:
 
 
 @contextlib.asynccontextmanager
-async def fake_envoy(config_path: str, *extra_plugin_modules: object) -> AsyncIterator[FakeEnvoy]:
+async def fake_envoy(
+    config_path: str, *extra_plugin_modules: object, servicer_class: type[ExternalProcessor] = ExternalProcessor
+) -> AsyncIterator[FakeEnvoy]:
     """Serve the host's ExternalProcessor for ``config_path`` in this event loop.
 
-    ``extra_plugin_modules`` are registered with the plugin manager next to the installed ones.
+    ``extra_plugin_modules`` are registered with the plugin manager next to the installed ones;
+    ``servicer_class`` may be a subclass of ExternalProcessor that observes the streams.
     """
     settings = load_settings(config_path)
     pm = make_plugin_manager()
@@ -142,7 +145,7 @@ async def fake_envoy(config_path: str, *extra_plugin_modules: object) -> AsyncIt
         pm.register(module)
     routes = build_routes(settings, discover(pm), config_path)
     server = grpc.aio.server(options=server_options(settings))
-    servicer = ExternalProcessor(Router(routes), pm)
+    servicer = servicer_class(Router(routes), pm)
     pb_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
