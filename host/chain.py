@@ -9,6 +9,7 @@ it, so a chain of plugins that leave bodies alone moves bytes without touching t
 from __future__ import annotations
 
 import inspect
+from time import perf_counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -127,11 +128,13 @@ def _as_bytes(value: Any, plugin: str, hook: str) -> bytes:
 class Chain:
     """The plugin instances of one stream, in route order."""
 
-    __slots__ = ("plan", "plugins", "info", "_closed")
+    __slots__ = ("plan", "plugins", "info", "timers", "_closed")
 
-    def __init__(self, plan: ChainPlan, info: StreamInfo) -> None:
+    def __init__(self, plan: ChainPlan, info: StreamInfo, timers: dict[tuple[str, str], Any] | None = None) -> None:
+        """``timers``: ``{(plugin name, hook): histogram}`` to time every hook call, or None."""
         self.plan = plan
         self.info = info
+        self.timers = timers
         self.plugins: list[Plugin] = []
         self._closed = False
         for link in plan.route.chain:
@@ -143,15 +146,18 @@ class Chain:
     async def headers(self, hook: str, headers: Headers) -> None:
         """Run a header or trailer hook of every plugin that has it, in order."""
         for index, is_async in self.plan.calls.get(hook, ()):
-            plugin = self.plugins[index]
-            try:
-                await _call(getattr(plugin, hook), is_async, headers)
-            except Exception as exc:
-                raise PluginError(plugin.name, hook, exc) from exc
+            await self._invoke(self.plugins[index], hook, is_async, headers)
 
-    async def _invoke(self, plugin: Plugin, hook: str, is_async: bool, *args: bytes) -> Any:
+    async def _invoke(self, plugin: Plugin, hook: str, is_async: bool, *args: Any) -> Any:
+        timers = self.timers
         try:
-            return await _call(getattr(plugin, hook), is_async, *args)
+            if timers is None:
+                return await _call(getattr(plugin, hook), is_async, *args)
+            start = perf_counter()
+            try:
+                return await _call(getattr(plugin, hook), is_async, *args)
+            finally:
+                timers[plugin.name, hook].observe(perf_counter() - start)
         except Exception as exc:
             raise PluginError(plugin.name, hook, exc) from exc
 

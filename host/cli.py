@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from importlib.metadata import version
 
@@ -60,7 +59,7 @@ def _serve(args: argparse.Namespace) -> int:
             parse_listen(args.listen)
         except ValueError as exc:
             raise ConfigError(f"--listen: {exc}") from None
-    _configure_logging(args.log_level or settings.server.log_level)
+    _configure_logging(args.log_level or settings.server.log_level, settings.server.log_format)
     loop_factory = None
     if settings.server.event_loop == "uvloop":
         import uvloop
@@ -116,12 +115,10 @@ def _demo(args: argparse.Namespace) -> int:
     return run(size_mib=args.size_mib)
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _configure_logging(level: str, fmt: str = "text") -> None:
+    from .logs import configure
+
+    configure(level, fmt)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,10 @@ import pluggy
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
+from .admission import count_stream, refuse_stream
+from .health import Health
+from .logs import current_stream
+from .metrics import Metrics
 from .processor import Router, StreamAborted, StreamFailed, StreamProcessor
 from .settings import Settings, parse_listen
 
@@ -23,9 +27,18 @@ log = logging.getLogger("extproc_host.server")
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     """``envoy.service.ext_proc.v3.ExternalProcessor``: one Process call per HTTP exchange."""
 
-    def __init__(self, router: Router, pm: pluggy.PluginManager | None = None) -> None:
+    def __init__(
+        self,
+        router: Router,
+        pm: pluggy.PluginManager | None = None,
+        metrics: Metrics | None = None,
+        max_streams: int = 0,
+    ) -> None:
         self.router = router
         self.pm = pm
+        self.metrics = metrics
+        self.max_streams = max_streams  # 0: no limit
+        self.accepting = True  # False once shutdown starts: new streams are refused
         self._ids = itertools.count(1)
         self._announce = pm is not None and bool(pm.hook.stream_finished.get_hookimpls())
         self._finishing: set[asyncio.Future[None]] = set()
@@ -34,7 +47,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ProcessingResponse]:
+        if not self.accepting or (self.max_streams and self.active >= self.max_streams):
+            await refuse_stream(self, request_iterator, context)
         stream = StreamProcessor(self.router, str(next(self._ids)))
+        current_stream.set(stream)
         error: BaseException | None = None
         self.active += 1
         try:
@@ -61,6 +77,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         finally:
             if stream.chain is None and not self._announce:
                 self.active -= 1  # no plugin instance to close and nobody to tell
+                if self.metrics is not None:
+                    count_stream(self.metrics, stream, error)
             else:
                 # Shielded: a second cancel (server shutdown) must not cut the plugins' close short.
                 finishing = asyncio.ensure_future(self._finish(stream, error))
@@ -71,6 +89,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     async def _finish(self, stream: StreamProcessor, error: BaseException | None) -> None:
         try:
             error = await stream.finish(error)
+            if self.metrics is not None:
+                count_stream(self.metrics, stream, error)
             if error is not None and not isinstance(error, StreamFailed):
                 log.debug("stream %s route %s ended: %s", stream.stream_id, stream.route_name, error)
             if self._announce and stream.plan is not None:
@@ -104,8 +124,11 @@ async def serve(settings: Settings, router: Router, pm: pluggy.PluginManager, li
     address = listen or settings.server.listen
     host, port = parse_listen(address)
     server = grpc.aio.server(options=server_options(settings))
-    servicer = ExternalProcessor(router, pm)
+    metrics = start_metrics(settings, router)
+    servicer = ExternalProcessor(router, pm, metrics, settings.server.max_concurrent_streams)
     pb_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
+    health = Health(server)
+    await health.starting()
     bind_host = f"[{host}]" if ":" in host else host
     try:
         bound = server.add_insecure_port(f"{bind_host}:{port}")
@@ -115,6 +138,9 @@ async def serve(settings: Settings, router: Router, pm: pluggy.PluginManager, li
         raise OSError(f"cannot listen on {address} (address in use or not available)")
     await server.start()
     pm.hook.host_started(settings=settings)
+    await health.serving()
+    if metrics is not None:
+        metrics.track_active(lambda: servicer.active)
     # Everything loaded so far lives as long as the process: keep it out of every collection.
     gc.collect()
     gc.freeze()
@@ -126,6 +152,42 @@ async def serve(settings: Settings, router: Router, pm: pluggy.PluginManager, li
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down (grace %.1fs)", settings.server.grace_seconds)
-    await server.stop(settings.server.grace_seconds)
+    await graceful_stop(server, servicer, health, settings.server.grace_seconds)
+    if metrics is not None:
+        metrics.close()
+
+
+def start_metrics(settings: Settings, router: Router) -> Metrics | None:
+    """The metrics and their exporter when ``[server] metrics_listen`` is set; prints
+    ``extproc-host metrics on http://HOST:PORT/metrics`` once bound."""
+    address = settings.server.metrics_listen
+    if address is None:
+        return None
+    metrics = Metrics()
+    router.metrics = metrics
+    router.hook_timers = metrics.bind(plan.route for plan in router.plans.values())
+    host, port = parse_listen(address)
+    try:
+        bound = metrics.serve(host, port)
+    except OSError as exc:
+        raise OSError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
+    shown = f"[{host}]" if ":" in host else host
+    print(f"extproc-host metrics on http://{shown}:{bound}/metrics", flush=True)
+    return metrics
+
+
+async def graceful_stop(server: grpc.aio.Server, servicer: ExternalProcessor, health: Health, grace: float) -> None:
+    """Shutdown: NOT_SERVING at once, refuse new streams, let open ones finish for up to
+    ``grace`` seconds, then cancel the rest (their plugins are still closed)."""
+    await health.shutting_down()
+    servicer.accepting = False
+    log.info("shutting down: new streams refused, waiting up to %.1fs for %d open streams", grace, servicer.active)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    while servicer.active and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    if servicer.active:
+        log.warning("grace period of %.1fs over: cancelling %d open streams", grace, servicer.active)
+    await server.stop(0)  # cancels whatever is still open
     await servicer.drain()  # streams cut by the stop still close their plugins (files finished)
+    log.info("stopped")
