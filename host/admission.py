@@ -57,6 +57,16 @@ async def refuse_stream(
     raise AssertionError("unreachable: context.abort raises")
 
 
+def cut_short_reason(cut: str, max_message_bytes: int) -> str:
+    """Why Envoy's side of a stream ended with a body incomplete: what gRPC does with a message
+    over the size limit (Envoy then fails the exchange and logs the sizes)."""
+    return (
+        f"{cut}: Envoy's messages stopped; gRPC refuses a message over [server] max_message_bytes "
+        f"({max_message_bytes} bytes) with RESOURCE_EXHAUSTED, which Envoy logs as "
+        "'Received message larger than max'"
+    )
+
+
 def outcome_of(error: BaseException | None) -> str:
     """The ``outcome`` label of a stream that ended with ``error``."""
     if error is None:

@@ -14,7 +14,7 @@ import pluggy
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
-from .admission import count_stream, refuse_stream
+from .admission import count_stream, cut_short_reason, refuse_stream
 from .health import Health
 from .logs import current_stream
 from .metrics import Metrics
@@ -33,11 +33,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         pm: pluggy.PluginManager | None = None,
         metrics: Metrics | None = None,
         max_streams: int = 0,
+        max_message_bytes: int = 0,
     ) -> None:
         self.router = router
         self.pm = pm
         self.metrics = metrics
         self.max_streams = max_streams  # 0: no limit
+        self.max_message_bytes = max_message_bytes  # for the error message when one is too large
         self.accepting = True  # False once shutdown starts: new streams are refused
         self._ids = itertools.count(1)
         self._announce = pm is not None and bool(pm.hook.stream_finished.get_hookimpls())
@@ -66,6 +68,11 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                             yield response
                 if stream.finished:
                     break
+            else:
+                cut = stream.incomplete()
+                if cut:  # gRPC dropped a message over the size limit and ended Envoy's side
+                    error = StreamAborted(cut_short_reason(cut, self.max_message_bytes))
+                    log.warning("%s", error)
         except StreamFailed as exc:
             error = exc
             await context.abort(grpc.StatusCode.INTERNAL, str(exc))
@@ -125,7 +132,9 @@ async def serve(settings: Settings, router: Router, pm: pluggy.PluginManager, li
     host, port = parse_listen(address)
     server = grpc.aio.server(options=server_options(settings))
     metrics = start_metrics(settings, router)
-    servicer = ExternalProcessor(router, pm, metrics, settings.server.max_concurrent_streams)
+    servicer = ExternalProcessor(
+        router, pm, metrics, settings.server.max_concurrent_streams, settings.server.max_message_bytes
+    )
     pb_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
     health = Health(server)
     await health.starting()

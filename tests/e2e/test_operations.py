@@ -1,7 +1,8 @@
 """Metrics, JSON logs and limits through a real Envoy (envoy/full_duplex.yaml, fail_closed).
 
 One host runs the failing plugins of tests/e2e/failing_plugins.py on the full-duplex route,
-with ``max_concurrent_streams = 1``, Prometheus metrics and JSON logs.
+with ``max_concurrent_streams = 1``, ``max_message_bytes`` at its 4 MiB minimum, Prometheus
+metrics and JSON logs.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ plugin_modules = ["tests.e2e.failing_plugins"]
 metrics_listen = "127.0.0.1:0"
 log_format = "json"
 max_concurrent_streams = 1
+max_message_bytes = 4194304
 
 [routes.{ROUTE}]
 chain = ["fail_on_chunk"]
@@ -138,3 +140,25 @@ async def test_streams_beyond_max_concurrent_streams_are_refused(ops_stack, payl
     after = await asyncio.to_thread(scrape, ops_stack.metrics_url)
     refused = sample(after, "extproc_streams_total", route=ROUTE, outcome="refused")
     assert refused - sample(before, "extproc_streams_total", route=ROUTE, outcome="refused") == 1
+
+
+def test_buffered_body_over_max_message_bytes_fails_closed_and_both_sides_say_why(ops_stack):
+    # BUFFERED sends the whole body in one gRPC message: 6 MiB is over the host's 4 MiB limit.
+    before = scrape(ops_stack.metrics_url)
+    with httpx.Client(timeout=30) as client:
+        small = client.post(f"{ops_stack.url}/buffered", content=b"s" * (3 * MiB))
+        large = client.post(f"{ops_stack.url}/buffered", content=os.urandom(6 * MiB))
+    assert small.status_code == 200 and small.content == b"s" * (3 * MiB)
+    assert large.status_code == 500
+
+    def reason():
+        return [r for r in _json_records(ops_stack) if "max_message_bytes (4194304 bytes)" in r["message"]]
+
+    (record,) = wait_until(reason, 10, "the host's warning")
+    assert record["level"] == "WARNING" and record["stream_id"] and record["route"] == "default", record
+    assert "the request body ended before it was complete" in record["message"]
+    envoy_log = ops_stack.logs["envoy"].read_text()
+    assert re.search(r"Received message larger than max \(\d+ vs\. 4194304\)", envoy_log), envoy_log[-2000:]
+    after = scrape(ops_stack.metrics_url)
+    aborted = {"route": "default", "outcome": "aborted"}
+    assert sample(after, "extproc_streams_total", **aborted) - sample(before, "extproc_streams_total", **aborted) == 1
