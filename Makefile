@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-unit test-e2e bench bench-plugins clean
+.PHONY: venv demo test test-unit test-e2e bench bench-plugins bench-metrics clean
 
 venv: $(STAMP)
 
@@ -37,6 +37,10 @@ bench-plugins: venv
 		--plugin file_tee=benchmarks/file_tee.toml \
 		--plugin zstd=benchmarks/zstd.toml \
 		--plugin replace=benchmarks/replace.toml $(ARGS)
+
+## make bench-metrics: the host with Prometheus metrics on vs off (passthrough chains).
+bench-metrics: venv
+	$(VENV)/bin/python benchmarks/run.py --setups host --plugin metrics=benchmarks/metrics.toml $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
