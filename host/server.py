@@ -161,7 +161,10 @@ async def serve(settings: Settings, router: Router, pm: pluggy.PluginManager, li
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await graceful_stop(server, servicer, health, settings.server.grace_seconds)
+    hurry = asyncio.Event()  # a second signal ends the grace period at once
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, hurry.set)
+    await graceful_stop(server, servicer, health, settings.server.grace_seconds, hurry)
     if metrics is not None:
         metrics.close()
 
@@ -185,18 +188,27 @@ def start_metrics(settings: Settings, router: Router) -> Metrics | None:
     return metrics
 
 
-async def graceful_stop(server: grpc.aio.Server, servicer: ExternalProcessor, health: Health, grace: float) -> None:
+async def graceful_stop(
+    server: grpc.aio.Server, servicer: ExternalProcessor, health: Health, grace: float, hurry: asyncio.Event
+) -> None:
     """Shutdown: NOT_SERVING at once, refuse new streams, let open ones finish for up to
-    ``grace`` seconds, then cancel the rest (their plugins are still closed)."""
+    ``grace`` seconds (or until ``hurry`` is set), then cancel the rest (their plugins are
+    still closed).
+
+    The server keeps running during the grace period, so health checks are answered
+    (NOT_SERVING) rather than refused: grpc's own ``server.stop(grace)`` would refuse every
+    new call, health checks included, and then cancel open streams at the end of the grace.
+    """
     await health.shutting_down()
     servicer.accepting = False
     log.info("shutting down: new streams refused, waiting up to %.1fs for %d open streams", grace, servicer.active)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
-    while servicer.active and loop.time() < deadline:
+    while servicer.active and loop.time() < deadline and not hurry.is_set():
         await asyncio.sleep(0.05)
     if servicer.active:
-        log.warning("grace period of %.1fs over: cancelling %d open streams", grace, servicer.active)
+        why = "second signal" if hurry.is_set() else f"grace period of {grace:.1f}s over"
+        log.warning("%s: cancelling %d open streams", why, servicer.active)
     await server.stop(0)  # cancels whatever is still open
     await servicer.drain()  # streams cut by the stop still close their plugins (files finished)
     log.info("stopped")

@@ -1,6 +1,7 @@
 """Health and graceful shutdown through a real Envoy: SIGTERM reports NOT_SERVING at once,
 refuses new streams, lets an in-flight 70 MiB upload finish byte-exact and exits 0; a stream
-still open when the grace period ends is cut, its plugins closed, and the host still exits 0."""
+still open when the grace period ends (or at a second signal) is cut, its plugins closed, and
+the host still exits 0."""
 
 from __future__ import annotations
 
@@ -93,9 +94,14 @@ async def test_sigterm_mid_upload_finishes_it_and_exits_0(tmp_path, payload):
     assert (closed["error"], closed["request_bytes"], closed["request_complete"]) == (None, body.size, True)
 
 
-async def test_grace_expiry_cuts_a_stalled_stream_and_exits_0(tmp_path, payload):
+@pytest.mark.parametrize(
+    ("grace", "signals", "reason"),
+    [(1, 1, "grace period of 1.0s over"), (120, 2, "second signal")],
+    ids=["grace-expires", "second-signal"],
+)
+async def test_stalled_stream_is_cut_and_the_host_exits_0(tmp_path, payload, grace, signals, reason):
     body = payload(4 * MiB)
-    config, record = _host_config(tmp_path, grace=1)
+    config, record = _host_config(tmp_path, grace=grace)
     with Stack("envoy/full_duplex.yaml", config, host_env={"PYTHONPATH": str(ROOT)}) as stack:
         upload = PausedUpload(body.path, pause_after=1 * MiB)
         task = asyncio.create_task(h1_request(stack.url + ROUTE, body=body, content=upload.chunks()))
@@ -103,7 +109,13 @@ async def test_grace_expiry_cuts_a_stalled_stream_and_exits_0(tmp_path, payload)
             await asyncio.wait_for(upload.paused.wait(), 60)
             await _wait_stream_open(stack)
             stack.send_signal("host", signal.SIGTERM)
-            # The upload stays stalled: the host must give up on it after the 1 s grace.
+            if signals == 2:
+                await asyncio.to_thread(
+                    wait_until, lambda: "shutting down" in stack.logs["host"].read_text(), 10, "shutdown to start"
+                )
+                stack.send_signal("host", signal.SIGINT)
+            # The upload stays stalled: the host gives up on it after the grace, or at once on a
+            # second signal (the 120 s grace would outlast this wait).
             assert await asyncio.to_thread(stack.wait_exit, "host", 20) == 0
         finally:
             upload.release()
@@ -113,7 +125,7 @@ async def test_grace_expiry_cuts_a_stalled_stream_and_exits_0(tmp_path, payload)
                 echoed = exc
         assert getattr(echoed, "sha256", None) != body.sha256, "the cut upload cannot have completed"
         host_log = stack.logs["host"].read_text()
-        assert "grace period of 1.0s over: cancelling 1 open streams" in host_log
+        assert f"{reason}: cancelling 1 open streams" in host_log
 
     (closed,) = _closes(record)  # the cut stream's plugins were still closed, once, with the error
     assert closed["error"] in ("StreamAborted", "CancelledError"), closed
