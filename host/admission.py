@@ -52,7 +52,7 @@ async def refuse_stream(
         pass
     log.warning("route %s: %s", route, message)
     if servicer.metrics is not None:
-        servicer.metrics.route(route).streams["refused"].inc()
+        servicer.metrics.route(route).streams["refused"] += 1
     await context.abort(code, message)
     raise AssertionError("unreachable: context.abort raises")
 
@@ -83,11 +83,12 @@ def count_stream(metrics: Metrics, stream: StreamProcessor, error: BaseException
     if stream.error is not None:
         error = stream.error
     route = metrics.route(stream.route_name)
-    route.streams[outcome_of(error)].inc()
+    route.streams[outcome_of(error)] += 1
+    counts = route.bytes
     for d in (stream.request, stream.response):
         if d.bytes_in:
-            route.bytes[d.name, "in"].inc(d.bytes_in)
+            counts[d.name, "in"] += d.bytes_in
         if d.bytes_out:
-            route.bytes[d.name, "out"].inc(d.bytes_out)
+            counts[d.name, "out"] += d.bytes_out
     if isinstance(error, PluginError):
         metrics.plugin_failed(error.plugin)

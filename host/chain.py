@@ -149,17 +149,21 @@ class Chain:
             await self._invoke(self.plugins[index], hook, is_async, headers)
 
     async def _invoke(self, plugin: Plugin, hook: str, is_async: bool, *args: Any) -> Any:
-        timers = self.timers
-        try:
-            if timers is None:
-                return await _call(getattr(plugin, hook), is_async, *args)
-            start = perf_counter()
+        """Call one hook (timed when the chain has timers); its error becomes a PluginError."""
+        if self.timers is None:
             try:
                 return await _call(getattr(plugin, hook), is_async, *args)
-            finally:
-                timers[plugin.name, hook].observe(perf_counter() - start)
+            except Exception as exc:
+                raise PluginError(plugin.name, hook, exc) from exc
+        start = perf_counter()
+        try:
+            result = getattr(plugin, hook)(*args)
+            if is_async:
+                result = await result
         except Exception as exc:
             raise PluginError(plugin.name, hook, exc) from exc
+        self.timers[plugin.name, hook].observe(perf_counter() - start)
+        return result
 
     async def body(self, direction: str, chunk: bytes, end: bool) -> bytes | AsyncIterator[bytes]:
         """Feed one chunk (and, when ``end``, the flushes) through the chain; return its output.

@@ -1,17 +1,20 @@
 """Prometheus metrics and their HTTP exporter (``[server] metrics_listen``).
 
-The hot path stays cheap: body bytes are summed in plain ints on the stream and added to the
-counters once when the stream ends, label children are bound once per route and per plugin
-hook, and only plugins that have a hook are timed (a chain that passes bodies through
-untouched is never timed).
+The hot path stays cheap: what is counted lives in plain ints and lists bound once per route
+and per plugin hook (body bytes are summed on the stream and added once when it ends), and
+prometheus-client only turns them into metric families when the endpoint is scraped, in the
+exporter's thread. Only hooks that plugins implement are timed, so a chain that passes bodies
+through untouched is never timed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from .chain import BODY_HOOKS, HEADER_HOOKS
 from .plugin import overridden_hooks
@@ -25,75 +28,92 @@ HOOK_BUCKETS = (1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025,
 TIMED_HOOKS = (*(hook for pair in BODY_HOOKS.values() for hook in pair), *HEADER_HOOKS.values())
 
 
-@dataclass
-class RouteMetrics:
-    """One route's label children, bound once: ``streams[outcome]``, ``bytes[(direction, way)]``."""
+class HookTimer:
+    """A histogram of one plugin hook's call times: plain counts, read at scrape time."""
 
-    streams: dict[str, Counter]
-    bytes: dict[tuple[str, str], Counter]
-
-
-class Metrics:
-    """The host's metrics in a registry of their own."""
+    __slots__ = ("counts", "total")
 
     def __init__(self) -> None:
-        disable_created_metrics()  # no *_created series: one per label set, of no use here
-        self.registry = CollectorRegistry()
-        self.streams = Counter(
-            "extproc_streams", "ext_proc streams by route and how they ended", ["route", "outcome"], registry=self.registry
-        )
-        self.body_bytes = Counter(
-            "extproc_body_bytes",
-            "Body bytes by route and direction: received from Envoy (in) and passed on by the chain (out)",
-            ["route", "direction", "way"],
-            registry=self.registry,
-        )
-        self.hook_seconds = Histogram(
-            "extproc_plugin_hook_seconds",
-            "Time in one plugin hook call (per body chunk for body hooks)",
-            ["plugin", "hook"],
-            buckets=HOOK_BUCKETS,
-            registry=self.registry,
-        )
-        self.plugin_errors = Counter(
-            "extproc_plugin_errors", "Plugin hooks (close included) that raised, by plugin", ["plugin"], registry=self.registry
-        )
-        self.active_streams = Gauge(
-            "extproc_active_streams", "ext_proc streams open now (plugins not closed yet)", registry=self.registry
-        )
-        self._routes: dict[str, RouteMetrics] = {}
-        self._errors: dict[str, Counter] = {}
+        self.counts = [0] * (len(HOOK_BUCKETS) + 1)  # the last one: above every bucket
+        self.total = 0.0
 
-    def bind(self, routes: Iterable[Route]) -> dict[tuple[str, str], Histogram]:
-        """Bind every route's children up front; return the hook timers ``{(plugin, hook): child}``."""
-        timers = {}
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(HOOK_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+
+class RouteCounts:
+    """One route's counters: ``streams[outcome]`` and ``bytes[(direction, way)]``."""
+
+    __slots__ = ("streams", "bytes")
+
+    def __init__(self) -> None:
+        self.streams = dict.fromkeys(OUTCOMES, 0)
+        self.bytes = {(d, w): 0 for d in DIRECTIONS for w in WAYS}
+
+
+class Metrics(Collector):
+    """The host's metrics, in a registry of their own."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, RouteCounts] = {}
+        self.timers: dict[tuple[str, str], HookTimer] = {}
+        self.errors: dict[str, int] = {}
+        self.active: Callable[[], float] = lambda: 0
+        self.registry = CollectorRegistry()
+        self.registry.register(self)
+
+    def bind(self, routes: Iterable[Route]) -> dict[tuple[str, str], HookTimer]:
+        """Make every route's counters up front; return the hook timers ``{(plugin, hook): timer}``
+        for the hooks the routes' plugins implement."""
         for route in routes:
             self.route(route.name)
             for link in route.chain:
                 for hook in set(TIMED_HOOKS) & set(overridden_hooks(link.info.cls)):
-                    timers[link.info.name, hook] = self.hook_seconds.labels(link.info.name, hook)
-        return timers
+                    self.timers.setdefault((link.info.name, hook), HookTimer())
+        return self.timers
 
-    def route(self, name: str) -> RouteMetrics:
-        """The label children of route ``name`` (bound on first use)."""
-        found = self._routes.get(name)
+    def route(self, name: str) -> RouteCounts:
+        """The counters of route ``name`` (made on first use)."""
+        found = self.routes.get(name)
         if found is None:
-            found = RouteMetrics(
-                {outcome: self.streams.labels(name, outcome) for outcome in OUTCOMES},
-                {(d, w): self.body_bytes.labels(name, d, w) for d in DIRECTIONS for w in WAYS},
-            )
-            self._routes[name] = found
+            found = self.routes[name] = RouteCounts()
         return found
 
     def plugin_failed(self, plugin: str) -> None:
-        counter = self._errors.get(plugin)
-        if counter is None:
-            counter = self._errors[plugin] = self.plugin_errors.labels(plugin)
-        counter.inc()
+        self.errors[plugin] = self.errors.get(plugin, 0) + 1
 
     def track_active(self, count: Callable[[], float]) -> None:
         """Read the open-stream gauge from ``count()`` at each scrape (nothing on the hot path)."""
-        self.active_streams.set_function(count)
+        self.active = count
+
+    def collect(self) -> Iterator[Metric]:
+        """The metric families, built from the plain counts (called by the exporter at scrape)."""
+        streams = CounterMetricFamily("extproc_streams", "ext_proc streams by route and how they ended", labels=["route", "outcome"])
+        body = CounterMetricFamily(
+            "extproc_body_bytes",
+            "Body bytes by route and direction: received from Envoy (in) and passed on by the chain (out)",
+            labels=["route", "direction", "way"],
+        )
+        for name, counts in list(self.routes.items()):
+            for outcome, value in list(counts.streams.items()):
+                streams.add_metric([name, outcome], value)
+            for (direction, way), value in list(counts.bytes.items()):
+                body.add_metric([name, direction, way], value)
+        hooks = HistogramMetricFamily(
+            "extproc_plugin_hook_seconds", "Time in one plugin hook call (per body chunk for body hooks)", labels=["plugin", "hook"]
+        )
+        for (plugin, hook), timer in list(self.timers.items()):
+            counts, cumulative, buckets = list(timer.counts), 0, []
+            for bound, count in zip((*map(str, HOOK_BUCKETS), "+Inf"), counts):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            hooks.add_metric([plugin, hook], buckets, timer.total)
+        errors = CounterMetricFamily("extproc_plugin_errors", "Plugin hooks (close included) that raised, by plugin", labels=["plugin"])
+        for plugin, value in list(self.errors.items()):
+            errors.add_metric([plugin], value)
+        active = GaugeMetricFamily("extproc_active_streams", "ext_proc streams open now (plugins not closed yet)", value=self.active())
+        return iter((streams, body, hooks, errors, active))
 
     def serve(self, host: str, port: int) -> int:
         """Start the HTTP exporter (a daemon thread) on ``host:port``; return the bound port."""
