@@ -9,9 +9,9 @@ it, so a chain of plugins that leave bodies alone moves bytes without touching t
 from __future__ import annotations
 
 import inspect
-from time import perf_counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Any
 
 from .plugin import Headers, Plugin, StreamInfo, overridden_hooks
@@ -131,7 +131,7 @@ class Chain:
     __slots__ = ("plan", "plugins", "info", "timers", "_closed")
 
     def __init__(self, plan: ChainPlan, info: StreamInfo, timers: dict[tuple[str, str], Any] | None = None) -> None:
-        """``timers``: ``{(plugin name, hook): histogram}`` to time every hook call, or None."""
+        """``timers``: ``{(plugin name, hook): metrics.HookTimer}`` to time every hook call, or None."""
         self.plan = plan
         self.info = info
         self.timers = timers

@@ -89,7 +89,7 @@ class StreamFailed(Exception):
 class Router:
     """Picks a route's chain plan: by Envoy route name, else by path prefix, else ``default``.
 
-    ``hook_timers`` (``{(plugin, hook): histogram}``) and ``metrics`` are set when metrics are on.
+    ``hook_timers`` (``{(plugin, hook): HookTimer}``) and ``metrics`` are set when metrics are on.
     """
 
     hook_timers: dict | None = None
