@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-unit test-e2e bench bench-plugins bench-workers clean
+.PHONY: venv demo test test-unit test-e2e bench bench-plugins bench-workers bench-metrics clean
 
 venv: $(STAMP)
 
@@ -41,6 +41,10 @@ bench-plugins: venv
 ## make bench-workers: the host with one process vs --workers 2 (SO_REUSEPORT), same Envoy, same load.
 bench-workers: venv
 	$(VENV)/bin/python benchmarks/run.py --setups host --host-workers 2 $(ARGS)
+
+## make bench-metrics: the host with Prometheus metrics on vs off (passthrough chains).
+bench-metrics: venv
+	$(VENV)/bin/python benchmarks/run.py --setups host --plugin metrics=benchmarks/metrics.toml $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Any
 
 from .plugin import Headers, Plugin, StreamInfo, overridden_hooks
@@ -127,11 +128,13 @@ def _as_bytes(value: Any, plugin: str, hook: str) -> bytes:
 class Chain:
     """The plugin instances of one stream, in route order."""
 
-    __slots__ = ("plan", "plugins", "info", "_closed")
+    __slots__ = ("plan", "plugins", "info", "timers", "_closed")
 
-    def __init__(self, plan: ChainPlan, info: StreamInfo) -> None:
+    def __init__(self, plan: ChainPlan, info: StreamInfo, timers: dict[tuple[str, str], Any] | None = None) -> None:
+        """``timers``: ``{(plugin name, hook): metrics.HookTimer}`` to time every hook call, or None."""
         self.plan = plan
         self.info = info
+        self.timers = timers
         self.plugins: list[Plugin] = []
         self._closed = False
         for link in plan.route.chain:
@@ -143,17 +146,24 @@ class Chain:
     async def headers(self, hook: str, headers: Headers) -> None:
         """Run a header or trailer hook of every plugin that has it, in order."""
         for index, is_async in self.plan.calls.get(hook, ()):
-            plugin = self.plugins[index]
+            await self._invoke(self.plugins[index], hook, is_async, headers)
+
+    async def _invoke(self, plugin: Plugin, hook: str, is_async: bool, *args: Any) -> Any:
+        """Call one hook (timed when the chain has timers); its error becomes a PluginError."""
+        if self.timers is None:
             try:
-                await _call(getattr(plugin, hook), is_async, headers)
+                return await _call(getattr(plugin, hook), is_async, *args)
             except Exception as exc:
                 raise PluginError(plugin.name, hook, exc) from exc
-
-    async def _invoke(self, plugin: Plugin, hook: str, is_async: bool, *args: bytes) -> Any:
+        start = perf_counter()
         try:
-            return await _call(getattr(plugin, hook), is_async, *args)
+            result = getattr(plugin, hook)(*args)
+            if is_async:
+                result = await result
         except Exception as exc:
             raise PluginError(plugin.name, hook, exc) from exc
+        self.timers[plugin.name, hook].observe(perf_counter() - start)
+        return result
 
     async def body(self, direction: str, chunk: bytes, end: bool) -> bytes | AsyncIterator[bytes]:
         """Feed one chunk (and, when ``end``, the flushes) through the chain; return its output.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from importlib.metadata import version
 
@@ -64,10 +63,10 @@ def _serve(args: argparse.Namespace) -> int:
         address = parse_address(args.listen or settings.server.listen)
     except ValueError as exc:
         raise ConfigError(f"--listen: {exc}") from None
-    _configure_logging(args.log_level or settings.server.log_level)
+    _configure_logging(args.log_level or settings.server.log_level, settings.server.log_format)
     workers = args.workers if args.workers is not None else settings.server.workers
     if args.ready_fd is None and workers != 1:
-        return _supervise(args, address, workers)
+        return _supervise(args, address, workers, settings.server.metrics_listen)
     loop_factory = None
     if settings.server.event_loop == "uvloop":
         import uvloop
@@ -88,7 +87,7 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _supervise(args: argparse.Namespace, address, workers: int) -> int:
+def _supervise(args: argparse.Namespace, address, workers: int, metrics_listen: str | None) -> int:
     """Run ``workers`` server processes on ``address`` (workers.py); the exit status."""
     from .workers import supervise
 
@@ -100,7 +99,7 @@ def _supervise(args: argparse.Namespace, address, workers: int) -> int:
             f"{source}: key 'server.workers': more than one worker needs a TCP listen address, not {address.target()}"
         )
     try:
-        return supervise(address, workers, config=args.config, log_level=args.log_level)
+        return supervise(address, workers, config=args.config, log_level=args.log_level, metrics_listen=metrics_listen)
     except OSError as exc:
         print(f"extproc-host: {exc}", file=sys.stderr)
         return 1
@@ -147,12 +146,10 @@ def _demo(args: argparse.Namespace) -> int:
     return run(size_mib=args.size_mib)
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _configure_logging(level: str, fmt: str = "text") -> None:
+    from .logs import configure
+
+    configure(level, fmt)
 
 
 def main(argv: list[str] | None = None) -> int:

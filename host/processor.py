@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
@@ -22,6 +23,9 @@ from envoy.type.v3 import http_status_pb2
 from .chain import Chain, ChainPlan, PluginError
 from .plugin import Headers, Reject, StreamInfo
 from .registry import Route
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 log = logging.getLogger("extproc_host.stream")
 
@@ -99,7 +103,13 @@ _PARTS = {
 
 
 class Router:
-    """Picks a route's chain plan: by Envoy route name, else by path prefix, else ``default``."""
+    """Picks a route's chain plan: by Envoy route name, else by path prefix, else ``default``.
+
+    ``hook_timers`` (``{(plugin, hook): HookTimer}``) and ``metrics`` are set when metrics are on.
+    """
+
+    hook_timers: dict | None = None
+    metrics: Metrics | None = None
 
     def __init__(self, routes: dict[str, Route]) -> None:
         self.plans = {name: ChainPlan.for_route(route) for name, route in routes.items()}
@@ -120,6 +130,24 @@ class Router:
                 if path.startswith(prefix):
                     return plan
         return self.default
+
+    def plan_for(self, req: pb.ProcessingRequest) -> ChainPlan:
+        """The plan for a stream, from its first request (route attribute, else ``:path``)."""
+        route_name = None
+        if ATTRIBUTES_KEY in req.attributes:
+            value = req.attributes[ATTRIBUTES_KEY].fields.get(ROUTE_ATTRIBUTE)
+            if value is not None:
+                route_name = value.string_value
+        plan = self.plans.get(route_name) if route_name else None
+        if plan is None:
+            path = None
+            if self.prefixes and req.HasField("request_headers"):
+                for h in req.request_headers.headers.headers:
+                    if h.key == ":path":
+                        path = h.raw_value.decode("latin-1") if h.raw_value else h.value
+                        break
+            plan = self.select(None, path)
+        return plan
 
 
 def header_items(header_map: base_pb2.HeaderMap) -> list[tuple[str, str]]:
@@ -162,6 +190,8 @@ class Direction:
     ended: bool = False
     headers_seen: bool = False
     trailers_seen: bool = False
+    bytes_in: int = 0  # body bytes received from Envoy
+    bytes_out: int = 0  # body bytes the chain passed on
 
 
 @dataclass
@@ -247,24 +277,10 @@ class StreamProcessor:
                     bad, d.mode = d.mode, NONE
                     self.plan = self.router.default  # nothing is built for a stream refused here
                     raise ProtocolError(f"protocol_config: unknown {d.name} body mode {bad}")
-        route_name = None
-        if ATTRIBUTES_KEY in req.attributes:
-            value = req.attributes[ATTRIBUTES_KEY].fields.get(ROUTE_ATTRIBUTE)
-            if value is not None:
-                route_name = value.string_value
-        plan = self.router.plans.get(route_name) if route_name else None
-        if plan is None:
-            path = None
-            if self.router.prefixes and req.HasField("request_headers"):
-                for h in req.request_headers.headers.headers:
-                    if h.key == ":path":
-                        path = h.raw_value.decode("latin-1") if h.raw_value else h.value
-                        break
-            plan = self.router.select(None, path)
-        self.plan = plan
+        self.plan = plan = self.router.plan_for(req)
         if plan.has_any_hook:  # a chain that does nothing needs no StreamInfo and no instances
             try:
-                self.chain = Chain(plan, self.stream_info(req))
+                self.chain = Chain(plan, self.stream_info(req), self.router.hook_timers)
             except PluginError as exc:
                 self._log_failure(exc)
                 self.error = exc
@@ -322,6 +338,7 @@ class StreamProcessor:
         # BUFFERED sends the whole body in one message, even when trailers follow.
         end = msg.end_of_stream or mode == BUFFERED
         d.body_seen = True
+        d.bytes_in += len(chunk)
         chain = self._active()
         if chain is not None and self.plan.touches_body(d.name):
             out = await chain.body(d.name, chunk, end)
@@ -332,8 +349,9 @@ class StreamProcessor:
         if type(out) is not bytes:  # a plugin answered with a stream of pieces
             self.altered = True
             if mode == FULL_DUPLEX:
-                return self._streamed_from(kind, req, out, end)
+                return self._streamed_from(kind, req, out, end, d)
             out = await _join(out)  # the other modes answer a chunk with one message
+        d.bytes_out += len(out)
         if mode == FULL_DUPLEX:
             if out is not chunk:
                 self.altered = True
@@ -366,6 +384,7 @@ class StreamProcessor:
                 tail = await chain.body(d.name, b"", True)
                 if type(tail) is not bytes:
                     tail = await _join(tail)
+                d.bytes_out += len(tail)
             if d.mode == FULL_DUPLEX:
                 if tail:
                     self.altered = True
@@ -393,11 +412,12 @@ class StreamProcessor:
         return out
 
     async def _streamed_from(
-        self, kind: str, req: pb.ProcessingRequest, pieces: AsyncIterator[bytes], end: bool
+        self, kind: str, req: pb.ProcessingRequest, pieces: AsyncIterator[bytes], end: bool, d: Direction
     ) -> AsyncIterator[pb.ProcessingResponse]:
         """Full-duplex answers for a stream of pieces, sent as they come (bounded memory)."""
         try:
             async for piece in pieces:
+                d.bytes_out += len(piece)
                 for response in self._streamed_pieces(kind, piece, False):
                     yield response
         except PluginError as exc:
@@ -463,6 +483,8 @@ class StreamProcessor:
             return
 
         def report(plugin: str, close_error: BaseException) -> None:
+            if self.router.metrics is not None:
+                self.router.metrics.plugin_failed(plugin)
             log.error(
                 "stream %s route %s: plugin '%s' failed in close: %s",
                 self.stream_id,

@@ -15,9 +15,13 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf.message import DecodeError
 
+from .admission import count_stream, cut_short_reason, refuse_stream
+from .health import Health
 from .listeners import Listener, parse_address
+from .logs import current_stream
+from .metrics import Metrics
 from .processor import ProtocolError, Router, StreamAborted, StreamFailed, StreamProcessor
-from .settings import Settings
+from .settings import Settings, parse_listen
 
 log = logging.getLogger("extproc_host.server")
 
@@ -25,9 +29,20 @@ log = logging.getLogger("extproc_host.server")
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     """``envoy.service.ext_proc.v3.ExternalProcessor``: one Process call per HTTP exchange."""
 
-    def __init__(self, router: Router, pm: pluggy.PluginManager | None = None) -> None:
+    def __init__(
+        self,
+        router: Router,
+        pm: pluggy.PluginManager | None = None,
+        metrics: Metrics | None = None,
+        max_streams: int = 0,
+        max_message_bytes: int = 0,
+    ) -> None:
         self.router = router
         self.pm = pm
+        self.metrics = metrics
+        self.max_streams = max_streams  # 0: no limit
+        self.max_message_bytes = max_message_bytes  # for the error message when one is too large
+        self.accepting = True  # False once shutdown starts: new streams are refused
         self._ids = itertools.count(1)
         self._announce = pm is not None and bool(pm.hook.stream_finished.get_hookimpls())
         self._finishing: set[asyncio.Future[None]] = set()
@@ -36,7 +51,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ProcessingResponse]:
+        if not self.accepting or (self.max_streams and self.active >= self.max_streams):
+            await refuse_stream(self, request_iterator, context)
         stream = StreamProcessor(self.router, str(next(self._ids)))
+        current_stream.set(stream)
         error: BaseException | None = None
         self.active += 1
         try:
@@ -52,6 +70,11 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                             yield response
                 if stream.finished:
                     break
+            else:
+                cut = stream.incomplete()
+                if cut:  # gRPC dropped a message over the size limit and ended Envoy's side
+                    error = StreamAborted(cut_short_reason(cut, self.max_message_bytes))
+                    log.warning("%s", error)
         except ProtocolError as exc:
             error = exc
             log.warning("stream %s: ext_proc protocol error: %s", stream.stream_id, exc)
@@ -71,6 +94,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         finally:
             if stream.chain is None and not self._announce:
                 self.active -= 1  # no plugin instance to close and nobody to tell
+                if self.metrics is not None:
+                    count_stream(self.metrics, stream, error)
             else:
                 # Shielded: a second cancel (server shutdown) must not cut the plugins' close short.
                 finishing = asyncio.ensure_future(self._finish(stream, error))
@@ -81,6 +106,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     async def _finish(self, stream: StreamProcessor, error: BaseException | None) -> None:
         try:
             error = await stream.finish(error)
+            if self.metrics is not None:
+                count_stream(self.metrics, stream, error)
             if error is not None and not isinstance(error, StreamFailed):
                 log.debug("stream %s route %s ended: %s", stream.stream_id, stream.route_name, error)
             if self._announce and stream.plan is not None:
@@ -123,11 +150,19 @@ async def serve(
     as a worker, calls ``on_ready(ADDRESS)`` instead (its supervisor prints the line)."""
     listener = Listener(parse_address(listen or settings.server.listen), settings.server.tls)
     server = grpc.aio.server(options=server_options(settings, reuse_port))
-    servicer = ExternalProcessor(router, pm)
+    metrics = start_metrics(settings, router)
+    servicer = ExternalProcessor(
+        router, pm, metrics, settings.server.max_concurrent_streams, settings.server.max_message_bytes
+    )
     pb_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
+    health = Health(server)
+    await health.starting()
     shown = listener.bind(server)  # a Unix socket file is removed at exit
     await server.start()
     pm.hook.host_started(settings=settings)
+    await health.serving()
+    if metrics is not None:
+        metrics.track_active(lambda: servicer.active)
     # Everything loaded so far lives as long as the process: keep it out of every collection.
     gc.collect()
     gc.freeze()
@@ -142,6 +177,54 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down (grace %.1fs)", settings.server.grace_seconds)
-    await server.stop(settings.server.grace_seconds)
+    hurry = asyncio.Event()  # a second signal ends the grace period at once
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, hurry.set)
+    await graceful_stop(server, servicer, health, settings.server.grace_seconds, hurry)
+    if metrics is not None:
+        metrics.close()
+
+
+def start_metrics(settings: Settings, router: Router) -> Metrics | None:
+    """The metrics and their exporter when ``[server] metrics_listen`` is set; prints
+    ``extproc-host metrics on http://HOST:PORT/metrics`` once bound."""
+    address = settings.server.metrics_listen
+    if address is None:
+        return None
+    metrics = Metrics()
+    router.metrics = metrics
+    router.hook_timers = metrics.bind(plan.route for plan in router.plans.values())
+    host, port = parse_listen(address)
+    try:
+        bound = metrics.serve(host, port)
+    except OSError as exc:
+        raise OSError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
+    shown = f"[{host}]" if ":" in host else host
+    print(f"extproc-host metrics on http://{shown}:{bound}/metrics", flush=True)
+    return metrics
+
+
+async def graceful_stop(
+    server: grpc.aio.Server, servicer: ExternalProcessor, health: Health, grace: float, hurry: asyncio.Event
+) -> None:
+    """Shutdown: NOT_SERVING at once, refuse new streams, let open ones finish for up to
+    ``grace`` seconds (or until ``hurry`` is set), then cancel the rest (their plugins are
+    still closed).
+
+    The server keeps running during the grace period, so health checks are answered
+    (NOT_SERVING) rather than refused: grpc's own ``server.stop(grace)`` would refuse every
+    new call, health checks included, and then cancel open streams at the end of the grace.
+    """
+    await health.shutting_down()
+    servicer.accepting = False
+    log.info("shutting down: new streams refused, waiting up to %.1fs for %d open streams", grace, servicer.active)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    while servicer.active and loop.time() < deadline and not hurry.is_set():
+        await asyncio.sleep(0.05)
+    if servicer.active:
+        why = "second signal" if hurry.is_set() else f"grace period of {grace:.1f}s over"
+        log.warning("%s: cancelling %d open streams", why, servicer.active)
+    await server.stop(0)  # cancels whatever is still open
     await servicer.drain()  # streams cut by the stop still close their plugins (files finished)
+    log.info("stopped")

@@ -42,6 +42,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 _LISTENING = re.compile(r"listening on (?:https?://)?\[?([^\s\]]+?)\]?:(\d+)\s*$", re.MULTILINE)
 _LISTENING_UNIX = re.compile(r"listening on unix:(\S+)\s*$", re.MULTILINE)
+_METRICS = re.compile(r"metrics on (http://\S+/metrics)\s*$", re.MULTILINE)
 _live_stacks: set[Stack] = set()
 
 
@@ -221,6 +222,7 @@ class Stack:
         self.host_port: int | None = None
         self.envoy_port: int | None = None
         self.admin_address: str | None = None
+        self.metrics_url: str | None = None  # the host's /metrics when it serves them
         if start:
             self.start()
 
@@ -259,6 +261,15 @@ class Stack:
         """The stderr log file of each process by role."""
         return {name: proc.stderr for name, proc in self._procs.items()}
 
+    def send_signal(self, name: str, sig: int) -> None:
+        """Send ``sig`` to the process ``name`` (``host``, ``envoy``, ``echo``) alone."""
+        self._procs[name].popen.send_signal(sig)
+
+    def wait_exit(self, name: str, timeout: float) -> int:
+        """Wait up to ``timeout`` seconds for process ``name`` to exit; its exit status
+        (``subprocess.TimeoutExpired`` if it is still running)."""
+        return self._procs[name].popen.wait(timeout=timeout)
+
     def log_tails(self, lines: int = 40) -> str:
         return "\n".join(proc.tails(lines) for proc in self._procs.values())
 
@@ -290,6 +301,8 @@ class Stack:
                 self.host_socket = self._wait_listening_unix("host", deadline)
             elif "host" in self._procs:
                 self.host_port = self._wait_listening("host", deadline)
+                found = _METRICS.search(self._procs["host"].stdout.read_text(errors="replace"))
+                self.metrics_url = found.group(1) if found else None
             self._start_envoy(deadline)
         except BaseException as exc:
             tails = self.log_tails()
@@ -450,6 +463,7 @@ class Stack:
         self.echo_port = self.host_port = self.envoy_port = None
         self.host_socket = None
         self.admin_address = None
+        self.metrics_url = None
         _live_stacks.discard(self)
 
     def __enter__(self) -> Stack:

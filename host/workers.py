@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 
 from .listeners import ListenAddress
+from .settings import parse_listen
 
 log = logging.getLogger("extproc_host.workers")
 
@@ -85,9 +86,17 @@ class Supervisor:
     """Starts ``count`` workers on ``address`` and watches them until they have all exited."""
 
     def __init__(
-        self, address: ListenAddress, count: int, *, config: str | None, log_level: str | None, ready_timeout: float = 60.0
+        self,
+        address: ListenAddress,
+        count: int,
+        *,
+        config: str | None,
+        log_level: str | None,
+        metrics_listen: str | None = None,
+        ready_timeout: float = 60.0,
     ) -> None:
         self.address = address
+        self.metrics_listen = metrics_listen
         self.count = count
         self.config = config
         self.log_level = log_level
@@ -118,12 +127,16 @@ class Supervisor:
         pipes: dict[int, int] = {}  # read end -> pid
         die_with_parent = _parent_death_signal()
         try:
-            for _ in range(self.count):
+            for index in range(self.count):
                 if self.stopping:
                     return
                 read_end, write_end = os.pipe()
                 cmd = worker_command(self.config, self.address.target(), write_end, self.log_level)
-                child = subprocess.Popen(cmd, pass_fds=(write_end,), preexec_fn=die_with_parent)
+                env = None
+                if self.metrics_listen:
+                    metrics = worker_metrics_listen(self.metrics_listen, index)
+                    env = {**os.environ, "EXTPROC_SERVER__METRICS_LISTEN": metrics}
+                child = subprocess.Popen(cmd, pass_fds=(write_end,), preexec_fn=die_with_parent, env=env)
                 os.close(write_end)
                 self.children[child.pid] = child
                 pipes[read_end] = child.pid
@@ -198,6 +211,16 @@ def announce_ready(fd: int) -> None:
         os.close(fd)
 
 
-def supervise(address: ListenAddress, count: int, *, config: str | None, log_level: str | None) -> int:
+def supervise(
+    address: ListenAddress, count: int, *, config: str | None, log_level: str | None, metrics_listen: str | None = None
+) -> int:
     """Run ``count`` workers on ``address`` until stopped; the process's exit status."""
-    return Supervisor(address, count, config=config, log_level=log_level).run()
+    return Supervisor(address, count, config=config, log_level=log_level, metrics_listen=metrics_listen).run()
+
+
+def worker_metrics_listen(metrics_listen: str, index: int) -> str:
+    """Worker ``index``'s metrics address: each worker is its own Prometheus target, on the
+    configured port plus its index (port 0: each picks a free port and prints it)."""
+    host, port = parse_listen(metrics_listen)
+    shown = f"[{host}]" if ":" in host else host
+    return f"{shown}:{port + index if port else 0}"

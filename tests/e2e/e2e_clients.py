@@ -101,10 +101,16 @@ _TIMEOUT = aiohttp.ClientTimeout(total=240, sock_connect=10)
 
 
 async def h1_request(
-    url: str, method: str = "POST", body: Payload | None = None, *, chunked: bool = False
+    url: str,
+    method: str = "POST",
+    body: Payload | None = None,
+    *,
+    chunked: bool = False,
+    content: AsyncIterator[bytes] | None = None,
 ) -> Echoed:
     """One HTTP/1.1 request with aiohttp; the body streams from its file, with a
-    content-length (``chunked=False``) or with chunked transfer encoding."""
+    content-length (``chunked=False``) or with chunked transfer encoding. ``content``, when
+    given, is sent instead of ``body.chunks()`` (the test paces the upload itself)."""
     headers: dict[str, str] = {}
     data = None
     if body is not None:
@@ -112,7 +118,7 @@ async def h1_request(
         # An async generator, with the content-length set by hand when wanted. (aiohttp's own
         # file payload stalls part-way when the response streams back during the upload,
         # as the echo's does: aio-libs/aiohttp#10169.)
-        data = body.chunks()
+        data = body.chunks() if content is None else content
         if not chunked:
             headers["content-length"] = str(body.size)
     async with aiohttp.ClientSession(timeout=_TIMEOUT, auto_decompress=False) as session:

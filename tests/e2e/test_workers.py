@@ -12,6 +12,7 @@ import re
 import signal
 import socket
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -173,3 +174,31 @@ def test_workers_need_a_tcp_address(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "server.workers" in result.stderr and "TCP" in result.stderr
+
+
+def test_each_worker_serves_its_own_metrics(tmp_path: Path) -> None:
+    config = tmp_path / "host.toml"
+    config.write_text('[server]\nlog_level = "warning"\nmetrics_listen = "127.0.0.1:0"\n')
+    proc = subprocess.Popen(
+        [*extproc_host_command(), "--config", str(config), "--listen", "127.0.0.1:0", "--workers", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        lines = []
+        while not any(LISTENING.search(line) for line in lines):
+            line = proc.stdout.readline()
+            if not line:
+                pytest.fail(f"no listening line after {lines!r}: {proc.communicate(timeout=10)}")
+            lines.append(line)
+        urls = {m.group(1) for line in lines if (m := re.search(r"metrics on (http://\S+/metrics)", line))}
+        assert len(urls) == 2, lines  # one Prometheus target per worker
+        for url in urls:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                assert "extproc_active_streams" in response.read().decode()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        _kill_group(proc)

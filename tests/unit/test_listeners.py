@@ -109,3 +109,11 @@ def test_workers_setting_is_validated(tmp_path: Path) -> None:
 def test_unix_listen_setting(tmp_path: Path) -> None:
     path = _settings_file(tmp_path, '[server]\nlisten = "unix:/run/extproc.sock"\n')
     assert load_settings(path).server.listen == "unix:/run/extproc.sock"
+
+
+def test_worker_metrics_ports_follow_the_configured_port() -> None:
+    from extproc_host.workers import worker_metrics_listen
+
+    assert [worker_metrics_listen("0.0.0.0:9100", i) for i in range(3)] == ["0.0.0.0:9100", "0.0.0.0:9101", "0.0.0.0:9102"]
+    assert worker_metrics_listen("127.0.0.1:0", 1) == "127.0.0.1:0"
+    assert worker_metrics_listen("[::1]:9100", 1) == "[::1]:9101"

@@ -1,0 +1,36 @@
+"""The standard gRPC health service (grpc.health.v1.Health) for load balancers and Envoy.
+
+NOT_SERVING until the server has loaded its plugins and started; SERVING for the whole server
+("") and for the ext_proc service by name; NOT_SERVING again the moment shutdown starts, so
+health checkers take the host out of rotation while in-flight streams finish.
+"""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+SERVICES = ("", EXT_PROC_SERVICE)
+
+
+class Health:
+    """The health servicer of one server, with the two states the host goes through."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self.servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
+
+    async def starting(self) -> None:
+        """Before the server starts: NOT_SERVING (grpc's servicer starts "" as SERVING)."""
+        for service in SERVICES:
+            await self.servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def serving(self) -> None:
+        """Plugins loaded, server started: report SERVING."""
+        for service in SERVICES:
+            await self.servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    async def shutting_down(self) -> None:
+        """Shutdown started: NOT_SERVING for every service, from now on."""
+        await self.servicer.enter_graceful_shutdown()
