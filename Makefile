@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-unit test-e2e bench bench-plugins clean
+.PHONY: venv demo test test-unit test-e2e bench bench-plugins envoy-configs clean
 
 venv: $(STAMP)
 
@@ -37,6 +37,15 @@ bench-plugins: venv
 		--plugin file_tee=benchmarks/file_tee.toml \
 		--plugin zstd=benchmarks/zstd.toml \
 		--plugin replace=benchmarks/replace.toml $(ARGS)
+
+## make envoy-configs: regenerate envoy/*.yaml from config/*.toml (tests fail when they are stale).
+# EXTPROC_* environment overrides are left out: the files must depend on config/ alone.
+ENVOY_CONFIG := env $(foreach v,$(filter EXTPROC_%,$(.VARIABLES)),-u $(v)) $(VENV)/bin/extproc-host envoy-config
+envoy-configs: venv
+	$(ENVOY_CONFIG) --config config/full_duplex.toml -o envoy/full_duplex.yaml
+	$(ENVOY_CONFIG) --config config/streamed.toml -o envoy/streamed.yaml
+	$(ENVOY_CONFIG) --config config/zstd.toml -o envoy/zstd.yaml
+	$(ENVOY_CONFIG) --config config/full_duplex.toml --no-ext-proc -o envoy/direct.yaml
 
 clean:
 	rm -rf $(VENV) build *.egg-info
