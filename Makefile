@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-unit test-e2e bench bench-plugins envoy-configs clean
+.PHONY: venv demo test test-unit test-e2e bench bench-plugins bench-modes envoy-configs clean
 
 venv: $(STAMP)
 
@@ -37,6 +37,12 @@ bench-plugins: venv
 		--plugin file_tee=benchmarks/file_tee.toml \
 		--plugin zstd=benchmarks/zstd.toml \
 		--plugin replace=benchmarks/replace.toml $(ARGS)
+
+## make bench-modes: a response-body-only chain behind its generated Envoy config vs the same chain with everything sent.
+bench-modes: venv
+	$(VENV)/bin/python benchmarks/run.py --setups host --only upload,small-fd --generate-envoy \
+		--host-config benchmarks/send_everything.toml \
+		--plugin response-only=benchmarks/response_only.toml $(ARGS)
 
 ## make envoy-configs: regenerate envoy/*.yaml from config/*.toml (tests fail when they are stale).
 # EXTPROC_* environment overrides are left out: the files must depend on config/ alone.

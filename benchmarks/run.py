@@ -112,6 +112,10 @@ class HostSetup:
     config: Path
     chains: dict[str, list[str]] = field(default_factory=dict)
     plugin_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: --generate-envoy: Envoy config generated from ``config``; None: envoy/full_duplex.yaml.
+    envoy_config: Path | None = None
+    #: The settings load plugin modules from this checkout ([server] plugin_modules).
+    loads_modules: bool = False
 
     @classmethod
     def load(cls, name: str, config: str | os.PathLike[str]) -> HostSetup:
@@ -120,7 +124,8 @@ class HostSetup:
             data = tomllib.load(fh)
         routes = data.get("routes") or {"default": {"chain": ["passthrough"]}}
         chains = {route: list(table.get("chain", [])) for route, table in routes.items()}
-        return cls(name, path, chains, dict(data.get("plugins", {})))
+        modules = bool(data.get("server", {}).get("plugin_modules"))
+        return cls(name, path, chains, dict(data.get("plugins", {})), loads_modules=modules)
 
     def chain_for(self, path: str) -> list[str]:
         """The chain the host runs for requests to ``path`` (the host's route or its default)."""
@@ -189,6 +194,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="NAME=CONFIG",
         help="add a setup NAME: the host with settings file CONFIG, compared with `host` (repeatable)",
     )
+    parser.add_argument(
+        "--generate-envoy",
+        action="store_true",
+        help="run each extproc-host setup behind the Envoy config `extproc-host envoy-config` generates from "
+        "its settings file, instead of envoy/full_duplex.yaml",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--no-install", action="store_true", help="do not try to apt-get install wrk when it is missing")
     args = parser.parse_args(argv)
@@ -254,7 +265,25 @@ def make_stack(setup: str, args: argparse.Namespace, upload: tuple[Path, str] | 
     if host.replaces_with_upload:
         assert upload is not None
         env[REPLACE_RESPONSE_ENV] = str(upload[0])
-    return Stack("envoy/full_duplex.yaml", host_config=host.config, host_env=env, **common)
+    if host.loads_modules:
+        env["PYTHONPATH"] = str(ROOT)  # plugin_modules such as benchmarks.response_plugins
+    envoy_config = host.envoy_config or "envoy/full_duplex.yaml"
+    return Stack(envoy_config, host_config=host.config, host_env=env, **common)
+
+
+def generate_envoy_configs(args: argparse.Namespace, directory: Path) -> None:
+    """--generate-envoy: each host setup's Envoy config, from its own settings file."""
+    for name, host in args.host_setups.items():
+        if name not in args.setups:
+            continue
+        out = directory / f"envoy-{name}.yaml"
+        cmd = [sys.executable, "-m", "extproc_host", "envoy-config", "--config", str(host.config), "-o", str(out)]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EXTPROC_")}
+        env["PYTHONPATH"] = str(ROOT)
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        if result.returncode != 0:
+            raise SystemExit(f"envoy-config failed for setup {name}:\n{result.stderr}")
+        host.envoy_config = out
 
 
 def decode_body(raw: bytes, encoding: str) -> bytes:
@@ -671,7 +700,8 @@ def report(
         host_ratios_table(ratio, verdicts, labels)
     if args.plugin_setups and "host" in args.setups:
         names = [f"{name}/host" for name in args.plugin_setups]
-        plugin_table = Table(title="plugin setups / host (passthrough)", title_justify="left")
+        base = os.path.relpath(args.host_setups["host"].config, ROOT)
+        plugin_table = Table(title=f"plugin setups / host ({base})", title_justify="left")
         plugin_table.add_column("figure")
         for name in names:
             plugin_table.add_column(name, justify="right")
@@ -780,12 +810,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for name, host in args.host_setups.items():
         if name in args.setups:
-            console.print(f"  {name}: extproc-host --config {os.path.relpath(host.config, ROOT)}", soft_wrap=True)
+            behind = "Envoy config generated from it" if args.generate_envoy else "envoy/full_duplex.yaml"
+            console.print(f"  {name}: extproc-host --config {os.path.relpath(host.config, ROOT)} ({behind})", soft_wrap=True)
 
     tmp = Path(tempfile.mkdtemp(prefix="extproc-bench-"))
     try:
         needs_file = "upload" in args.only or any(h.replaces_with_upload for n, h in args.host_setups.items() if n in args.setups)
         upload = make_upload_file(tmp, size) if needs_file else None
+        if args.generate_envoy:
+            generate_envoy_configs(args, tmp)
         runs = run_all(args, wrk, upload)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
