@@ -147,13 +147,7 @@ def _per_route(modes: RouteModes, fail_open: bool, filter_modes: RouteModes, fil
         return ExtProcPerRoute(disabled=True)
     overrides = ExtProcOverrides()
     changed = False
-    if (modes.request_body, modes.response_body, modes.request_trailers, modes.response_headers, modes.response_trailers) != (
-        filter_modes.request_body,
-        filter_modes.response_body,
-        filter_modes.request_trailers,
-        filter_modes.response_headers,
-        filter_modes.response_trailers,
-    ):
+    if processing_mode(modes) != processing_mode(filter_modes):
         overrides.processing_mode = processing_mode(modes)
         changed = True
     if fail_open != filter_fail_open:
