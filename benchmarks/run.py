@@ -82,6 +82,9 @@ METRICS = (
     ("received_ratio", "bytes received/sent", "{:.5f}", "upload"),
     ("envoy_peak_rss_mib", "Envoy peak RSS MiB", "{:.0f}", "upload"),
     ("host_peak_rss_mib", "host peak RSS MiB", "{:.0f}", "upload"),
+    # Less sensitive to a busy machine than throughput: work done per byte, messages per upload.
+    ("cpu_s_per_gib", "Envoy+host CPU s/GiB", "{:.1f}", "upload"),
+    ("extproc_msgs_per_upload", "ext_proc msgs/upload", "{:.0f}", "upload"),
     ("fd_rps", "req/s FD", "{:.0f}", "small-fd"),
     ("headers_rps", "req/s headers-only", "{:.0f}", "small-headers"),
 )
@@ -410,6 +413,11 @@ class CpuMeter:
         return {role: round(sec / self.wall, 2) for role, sec in self.seconds.items()} if self.wall else {}
 
 
+def extproc_messages(stack: Stack) -> int:
+    """Messages Envoy's ext_proc filter has sent the ext_proc server so far (0 without one)."""
+    return sum(stack.envoy_stats(r"ext_proc\.stream_msgs_sent$").values())
+
+
 def run_upload(stack: Stack, file: Path, digest: str, args: argparse.Namespace) -> dict[str, Any]:
     url = stack.url + PATHS["upload"]
     size = file.stat().st_size
@@ -437,6 +445,7 @@ def run_upload(stack: Stack, file: Path, digest: str, args: argparse.Namespace) 
             stderr=proc.stderr.read().decode(errors="replace").strip(),  # type: ignore[union-attr]
         )
 
+    msgs_before = extproc_messages(stack)
     with stack.sampler(0.1) as rss, CpuMeter(stack) as cpu:
         t0 = time.perf_counter()
         threads = []
@@ -477,6 +486,8 @@ def run_upload(stack: Stack, file: Path, digest: str, args: argparse.Namespace) 
         "host_peak_rss_mib": rss.peak_host / MiB if stack.runs_host else None,
         "cpu_seconds": cpu.seconds,
         "cpu_cores": cpu.cores(),
+        "cpu_s_per_gib": (cpu.seconds.get("envoy", 0.0) + cpu.seconds.get("host", 0.0)) / (size * args.uploads / 2**30),
+        "extproc_msgs_per_upload": (extproc_messages(stack) - msgs_before) / args.uploads if stack.runs_host else None,
         # [seconds, Envoy MiB, host MiB] every 100 ms: peaks are noisy, the series shows why.
         "rss_series": [[round(x.t, 2), round(x.envoy / MiB), round(x.host / MiB)] for x in rss.samples],
     }
