@@ -86,6 +86,8 @@ METRICS = (
     ("cpu_s_per_gib", "Envoy+host CPU s/GiB", "{:.1f}", "upload"),
     ("extproc_msgs_per_upload", "ext_proc msgs/upload", "{:.0f}", "upload"),
     ("fd_rps", "req/s FD", "{:.0f}", "small-fd"),
+    ("fd_cpu_ms_per_request", "Envoy+host CPU ms/req FD", "{:.2f}", "small-fd"),
+    ("fd_extproc_msgs_per_request", "ext_proc msgs/req FD", "{:.1f}", "small-fd"),
     ("headers_rps", "req/s headers-only", "{:.0f}", "small-headers"),
 )
 # The targets for the host against the minimal passthrough: (metric, comparison, bound).
@@ -502,6 +504,7 @@ def run_wrk(stack: Stack, wrk: str, workload: str, args: argparse.Namespace) -> 
     env = {**os.environ, "WRK_BODY_BYTES": str(args.body_bytes)}
     if args.warmup > 0:
         subprocess.run(_wrk_command(wrk, url, args.warmup, args), env=env, capture_output=True, timeout=args.warmup + 60)
+    msgs_before = extproc_messages(stack)
     with stack.sampler(0.1) as rss, CpuMeter(stack) as cpu:
         proc = subprocess.run(
             _wrk_command(wrk, url, args.duration, args), env=env, capture_output=True, text=True, timeout=args.duration + 60
@@ -513,7 +516,14 @@ def run_wrk(stack: Stack, wrk: str, workload: str, args: argparse.Namespace) -> 
     seconds = summary["duration_us"] / 1e6
     errors = {k: v for k, v in summary["errors"].items() if v}
     key = "fd_rps" if workload == "small-fd" else "headers_rps"
+    requests = summary["requests"] or 1
+    per_request = {}
+    if workload == "small-fd":
+        per_request["fd_cpu_ms_per_request"] = 1000 * (cpu.seconds.get("envoy", 0.0) + cpu.seconds.get("host", 0.0)) / requests
+        if stack.runs_host:
+            per_request["fd_extproc_msgs_per_request"] = (extproc_messages(stack) - msgs_before) / requests
     return {
+        **per_request,
         key: summary["requests"] / seconds,
         "requests": summary["requests"],
         "duration_s": round(seconds, 3),
