@@ -49,6 +49,17 @@ def test_every_settings_file_renders_a_config_envoy_accepts(settings: Path, tmp_
     validate(out)
 
 
+def test_options_render_a_config_envoy_accepts(tmp_path: Path) -> None:
+    """Hostnames (STRICT_DNS), a unix socket for the host, other ports, IPv6 listener."""
+    out = tmp_path / "envoy.yaml"
+    options = ["--listen", "[::]:10080", "--admin-port", "10081", "--upstream", "localhost:8081",
+               "--host-address", f"unix:{tmp_path}/host.sock", "--message-timeout", "0.5"]
+    assert main(["envoy-config", "--config", str(ROOT / "config/full_duplex.toml"), "-o", str(out), *options]) == 0
+    validate(out)
+    assert main(["envoy-config", "--config", str(ROOT / "config/full_duplex.toml"), "-o", str(out), "--no-ext-proc"]) == 0
+    validate(out)
+
+
 def regenerate_command(path: Path) -> list[str]:
     """The command a generated file's header says reproduces it (arguments after envoy-config)."""
     for line in path.read_text().splitlines():
