@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-unit test-e2e bench bench-plugins bench-workers bench-metrics clean
+.PHONY: venv demo test test-unit test-e2e bench bench-plugins bench-workers bench-metrics bench-modes envoy-configs clean
 
 venv: $(STAMP)
 
@@ -45,6 +45,21 @@ bench-workers: venv
 ## make bench-metrics: the host with Prometheus metrics on vs off (passthrough chains).
 bench-metrics: venv
 	$(VENV)/bin/python benchmarks/run.py --setups host --plugin metrics=benchmarks/metrics.toml $(ARGS)
+
+## make bench-modes: a response-body-only chain behind its generated Envoy config vs the same chain with everything sent.
+bench-modes: venv
+	$(VENV)/bin/python benchmarks/run.py --setups host --only upload,small-fd --generate-envoy \
+		--host-config benchmarks/send_everything.toml \
+		--plugin response-only=benchmarks/response_only.toml $(ARGS)
+
+## make envoy-configs: regenerate envoy/*.yaml from config/*.toml (tests fail when they are stale).
+# EXTPROC_* environment overrides are left out: the files must depend on config/ alone.
+ENVOY_CONFIG := env $(foreach v,$(filter EXTPROC_%,$(.VARIABLES)),-u $(v)) $(VENV)/bin/extproc-host envoy-config
+envoy-configs: venv
+	$(ENVOY_CONFIG) --config config/full_duplex.toml -o envoy/full_duplex.yaml
+	$(ENVOY_CONFIG) --config config/streamed.toml -o envoy/streamed.yaml
+	$(ENVOY_CONFIG) --config config/zstd.toml -o envoy/zstd.yaml
+	$(ENVOY_CONFIG) --config config/full_duplex.toml --no-ext-proc -o envoy/direct.yaml
 
 clean:
 	rm -rf $(VENV) build *.egg-info

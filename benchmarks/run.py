@@ -90,7 +90,12 @@ METRICS = (
     ("received_ratio", "bytes received/sent", "{:.5f}", "upload"),
     ("envoy_peak_rss_mib", "Envoy peak RSS MiB", "{:.0f}", "upload"),
     ("host_peak_rss_mib", "host peak RSS MiB", "{:.0f}", "upload"),
+    # Less sensitive to a busy machine than throughput: work done per byte, messages per upload.
+    ("cpu_s_per_gib", "Envoy+host CPU s/GiB", "{:.1f}", "upload"),
+    ("extproc_msgs_per_upload", "ext_proc msgs/upload", "{:.0f}", "upload"),
     ("fd_rps", "req/s FD", "{:.0f}", "small-fd"),
+    ("fd_cpu_ms_per_request", "Envoy+host CPU ms/req FD", "{:.2f}", "small-fd"),
+    ("fd_extproc_msgs_per_request", "ext_proc msgs/req FD", "{:.1f}", "small-fd"),
     ("headers_rps", "req/s headers-only", "{:.0f}", "small-headers"),
 )
 # The issue's targets for the host against the minimal passthrough: (metric, comparison, bound).
@@ -121,6 +126,10 @@ class HostSetup:
     chains: dict[str, list[str]] = field(default_factory=dict)
     plugin_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     workers: int = 1
+    #: --generate-envoy: Envoy config generated from ``config``; None: envoy/full_duplex.yaml.
+    envoy_config: Path | None = None
+    #: The settings load plugin modules from this checkout ([server] plugin_modules).
+    loads_modules: bool = False
 
     @classmethod
     def load(cls, name: str, config: str | os.PathLike[str]) -> HostSetup:
@@ -129,7 +138,8 @@ class HostSetup:
             data = tomllib.load(fh)
         routes = data.get("routes") or {"default": {"chain": ["passthrough"]}}
         chains = {route: list(table.get("chain", [])) for route, table in routes.items()}
-        return cls(name, path, chains, dict(data.get("plugins", {})))
+        modules = bool(data.get("server", {}).get("plugin_modules"))
+        return cls(name, path, chains, dict(data.get("plugins", {})), loads_modules=modules)
 
     def chain_for(self, path: str) -> list[str]:
         """The chain the host runs for requests to ``path`` (the host's route or its default)."""
@@ -203,6 +213,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="",
         metavar="N[,N...]",
         help="add a setup host-wN per N: the host setup's config with --workers N, compared with `host`",
+    )
+    parser.add_argument(
+        "--generate-envoy",
+        action="store_true",
+        help="run each extproc-host setup behind the Envoy config `extproc-host envoy-config` generates from "
+        "its settings file, instead of envoy/full_duplex.yaml",
     )
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--no-install", action="store_true", help="do not try to apt-get install wrk when it is missing")
@@ -282,7 +298,25 @@ def make_stack(setup: str, args: argparse.Namespace, upload: tuple[Path, str] | 
         common["host_args"] = ["--workers", str(host.workers)]
     if args.split_connections:
         common["envoy_edit"] = limit_extproc_streams
-    return Stack("envoy/full_duplex.yaml", host_config=host.config, host_env=env, **common)
+    if host.loads_modules:
+        env["PYTHONPATH"] = str(ROOT)  # plugin_modules such as benchmarks.response_plugins
+    envoy_config = host.envoy_config or "envoy/full_duplex.yaml"
+    return Stack(envoy_config, host_config=host.config, host_env=env, **common)
+
+
+def generate_envoy_configs(args: argparse.Namespace, directory: Path) -> None:
+    """--generate-envoy: each host setup's Envoy config, from its own settings file."""
+    for name, host in args.host_setups.items():
+        if name not in args.setups:
+            continue
+        out = directory / f"envoy-{name}.yaml"
+        cmd = [sys.executable, "-m", "extproc_host", "envoy-config", "--config", str(host.config), "-o", str(out)]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EXTPROC_")}
+        env["PYTHONPATH"] = str(ROOT)
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        if result.returncode != 0:
+            raise SystemExit(f"envoy-config failed for setup {name}:\n{result.stderr}")
+        host.envoy_config = out
 
 
 def limit_extproc_streams(config: dict[str, Any]) -> None:
@@ -419,6 +453,11 @@ class CpuMeter:
         return {role: round(sec / self.wall, 2) for role, sec in self.seconds.items()} if self.wall else {}
 
 
+def extproc_messages(stack: Stack) -> int:
+    """Messages Envoy's ext_proc filter has sent the ext_proc server so far (0 without one)."""
+    return sum(stack.envoy_stats(r"ext_proc\.stream_msgs_sent$").values())
+
+
 def run_upload(stack: Stack, file: Path, digest: str, args: argparse.Namespace) -> dict[str, Any]:
     url = stack.url + PATHS["upload"]
     size = file.stat().st_size
@@ -446,6 +485,7 @@ def run_upload(stack: Stack, file: Path, digest: str, args: argparse.Namespace) 
             stderr=proc.stderr.read().decode(errors="replace").strip(),  # type: ignore[union-attr]
         )
 
+    msgs_before = extproc_messages(stack)
     with stack.sampler(0.1) as rss, CpuMeter(stack) as cpu:
         t0 = time.perf_counter()
         threads = []
@@ -486,6 +526,8 @@ def run_upload(stack: Stack, file: Path, digest: str, args: argparse.Namespace) 
         "host_peak_rss_mib": rss.peak_host / MiB if stack.runs_host else None,
         "cpu_seconds": cpu.seconds,
         "cpu_cores": cpu.cores(),
+        "cpu_s_per_gib": (cpu.seconds.get("envoy", 0.0) + cpu.seconds.get("host", 0.0)) / (size * args.uploads / 2**30),
+        "extproc_msgs_per_upload": (extproc_messages(stack) - msgs_before) / args.uploads if stack.runs_host else None,
         # [seconds, Envoy MiB, host MiB] every 100 ms: peaks are noisy, the series shows why.
         "rss_series": [[round(x.t, 2), round(x.envoy / MiB), round(x.host / MiB)] for x in rss.samples],
     }
@@ -500,6 +542,7 @@ def run_wrk(stack: Stack, wrk: str, workload: str, args: argparse.Namespace) -> 
     env = {**os.environ, "WRK_BODY_BYTES": str(args.body_bytes)}
     if args.warmup > 0:
         subprocess.run(_wrk_command(wrk, url, args.warmup, args), env=env, capture_output=True, timeout=args.warmup + 60)
+    msgs_before = extproc_messages(stack)
     with stack.sampler(0.1) as rss, CpuMeter(stack) as cpu:
         proc = subprocess.run(
             _wrk_command(wrk, url, args.duration, args), env=env, capture_output=True, text=True, timeout=args.duration + 60
@@ -511,7 +554,14 @@ def run_wrk(stack: Stack, wrk: str, workload: str, args: argparse.Namespace) -> 
     seconds = summary["duration_us"] / 1e6
     errors = {k: v for k, v in summary["errors"].items() if v}
     key = "fd_rps" if workload == "small-fd" else "headers_rps"
+    requests = summary["requests"] or 1
+    per_request = {}
+    if workload == "small-fd":
+        per_request["fd_cpu_ms_per_request"] = 1000 * (cpu.seconds.get("envoy", 0.0) + cpu.seconds.get("host", 0.0)) / requests
+        if stack.runs_host:
+            per_request["fd_extproc_msgs_per_request"] = (extproc_messages(stack) - msgs_before) / requests
     return {
+        **per_request,
         key: summary["requests"] / seconds,
         "requests": summary["requests"],
         "duration_s": round(seconds, 3),
@@ -709,7 +759,8 @@ def report(
         host_ratios_table(ratio, verdicts, labels)
     if args.plugin_setups and "host" in args.setups:
         names = [f"{name}/host" for name in args.plugin_setups]
-        plugin_table = Table(title="setups / host (passthrough, one process)", title_justify="left")
+        base = os.path.relpath(args.host_setups["host"].config, ROOT)
+        plugin_table = Table(title=f"plugin setups / host ({base})", title_justify="left")
         plugin_table.add_column("figure")
         for name in names:
             plugin_table.add_column(name, justify="right")
@@ -819,7 +870,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, host in args.host_setups.items():
         if name in args.setups:
             workers = f" --workers {host.workers}" if host.workers != 1 else ""
-            console.print(f"  {name}: extproc-host --config {os.path.relpath(host.config, ROOT)}{workers}", soft_wrap=True)
+            behind = "Envoy config generated from it" if args.generate_envoy else "envoy/full_duplex.yaml"
+            console.print(
+                f"  {name}: extproc-host --config {os.path.relpath(host.config, ROOT)}{workers} ({behind})", soft_wrap=True
+            )
     if args.split_connections:
         console.print(f"  Envoy -> host: at most {WORKER_STREAMS_PER_CONNECTION} streams per HTTP/2 connection", soft_wrap=True)
 
@@ -827,6 +881,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         needs_file = "upload" in args.only or any(h.replaces_with_upload for n, h in args.host_setups.items() if n in args.setups)
         upload = make_upload_file(tmp, size) if needs_file else None
+        if args.generate_envoy:
+            generate_envoy_configs(args, tmp)
         runs = run_all(args, wrk, upload)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

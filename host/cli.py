@@ -8,9 +8,10 @@ import sys
 from importlib.metadata import version
 
 from .listeners import parse_address
+from .envoy_config_command import add_envoy_config_parser, run_envoy_config
 from .settings import ConfigError, load_settings, parse_listen
 
-COMMANDS = ("serve", "plugins", "check", "echo", "demo")
+COMMANDS = ("serve", "plugins", "check", "echo", "demo", "envoy-config")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     echo.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT (default 127.0.0.1:8080)")
     demo = sub.add_parser("demo", help="start Envoy + echo + host on free ports and upload through every body mode")
     demo.add_argument("--size-mib", type=int, default=16, help="size of the uploaded body (default 16)")
+    add_envoy_config_parser(sub)
     return parser
 
 
@@ -157,7 +159,14 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "serve")
     args = _parser().parse_args(argv)
-    handler = {"serve": _serve, "check": _check, "plugins": _plugins, "echo": _echo, "demo": _demo}[args.command]
+    handler = {
+        "serve": _serve,
+        "check": _check,
+        "plugins": _plugins,
+        "echo": _echo,
+        "demo": _demo,
+        "envoy-config": run_envoy_config,
+    }[args.command]
     try:
         return handler(args)
     except ConfigError as exc:

@@ -14,8 +14,8 @@ are given in place.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -120,6 +120,61 @@ class StreamInfo:
     state: dict[str, Any] = field(default_factory=dict)
 
 
+#: How a plugin needs a body: as it comes (any streamed mode) or whole (BUFFERED).
+BodyNeed = Literal["streamed", "buffered"] | None
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a plugin (or a whole chain) needs Envoy to send: the ``envoy-config`` command asks
+    Envoy for exactly this. Body needs: ``None`` (not needed), ``"streamed"`` (chunks as they
+    come) or ``"buffered"`` (the whole body in one piece). ``a | b`` is what both need."""
+
+    request_headers: bool = False
+    request_body: BodyNeed = None
+    request_trailers: bool = False
+    response_headers: bool = False
+    response_body: BodyNeed = None
+    response_trailers: bool = False
+
+    def __or__(self, other: Needs) -> Needs:
+        merged: dict[str, Any] = {}
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if f.name.endswith("_body"):
+                merged[f.name] = "buffered" if "buffered" in (mine, theirs) else (mine or theirs)
+            else:
+                merged[f.name] = mine or theirs
+        return Needs(**merged)
+
+    @property
+    def anything(self) -> bool:
+        """Whether anything at all is needed."""
+        return any(getattr(self, f.name) for f in fields(self))
+
+
+#: Which parts of an exchange a hook looks at, for :func:`inferred_needs`.
+_HOOK_NEEDS: dict[str, dict[str, Any]] = {
+    "on_request_headers": {"request_headers": True},
+    "on_request_body": {"request_body": "streamed"},
+    "on_request_body_end": {"request_body": "streamed"},
+    "on_request_trailers": {"request_trailers": True},
+    "on_response_headers": {"response_headers": True},
+    "on_response_body": {"response_body": "streamed"},
+    "on_response_body_end": {"response_body": "streamed"},
+    "on_response_trailers": {"response_trailers": True},
+}
+
+
+def inferred_needs(cls: type[Plugin]) -> Needs:
+    """What ``cls`` needs, judged by the hooks it implements (only response body hooks ->
+    the response body, streamed)."""
+    needs = Needs()
+    for hook in overridden_hooks(cls):
+        needs = needs | Needs(**_HOOK_NEEDS.get(hook, {}))
+    return needs
+
+
 class Reject(Exception):
     """Raise from a hook to answer the client directly (an Envoy local reply).
 
@@ -144,6 +199,14 @@ class Plugin:
 
     name: ClassVar[str] = ""
     Settings: ClassVar[type[BaseModel]] = NoSettings
+    #: What the plugin needs Envoy to send; None: inferred from the hooks it implements.
+    needs: ClassVar[Needs | None] = None
+
+    @classmethod
+    def needs_for(cls, settings: BaseModel) -> Needs:
+        """What the plugin needs with these settings: ``needs``, else inferred from its hooks.
+        Override it when the settings decide (a plugin that may copy only one body)."""
+        return cls.needs if cls.needs is not None else inferred_needs(cls)
 
     def __init__(self, settings: BaseModel, stream: StreamInfo) -> None:
         self.settings = settings

@@ -85,8 +85,25 @@ class ServerSettings(BaseModel):
         return value
 
 
+#: Envoy's ext_proc body modes a route may ask for (``body_mode``).
+BodyMode = Literal["NONE", "STREAMED", "BUFFERED", "FULL_DUPLEX_STREAMED"]
+
+#: Parts of an exchange a route may ask Envoy to send whatever its chain needs (``send``).
+SendPart = Literal["request_body", "request_trailers", "response_headers", "response_body", "response_trailers"]
+
+
+class BodyModes(BaseModel):
+    """``body_mode = { request = "...", response = "..." }``: a body mode per direction."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request: BodyMode | None = None
+    response: BodyMode | None = None
+
+
 class RouteSettings(BaseModel):
-    """``[routes.<name>]``: the plugin chain and failure policy for one Envoy route."""
+    """``[routes.<name>]``: the plugin chain and failure policy for one Envoy route, and what
+    ``extproc-host envoy-config`` asks Envoy to send for it."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -94,6 +111,18 @@ class RouteSettings(BaseModel):
     failure_policy: Literal["fail_closed", "fail_open"] = "fail_closed"
     path_prefix: str | None = None
     plugins: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # envoy-config only: force the body mode (both directions, or per direction)...
+    body_mode: BodyMode | BodyModes | None = None
+    # ...send these parts whatever the chain needs...
+    send: list[SendPart] = Field(default_factory=list)
+    # ...and let Envoy hold BUFFERED bodies up to this size on this route.
+    buffer_limit_bytes: int | None = Field(default=None, gt=0, le=2**32 - 1)
+
+    def forced_body_mode(self, direction: str) -> str | None:
+        """The body mode ``body_mode`` forces for ``direction`` ("request"/"response"), if any."""
+        if isinstance(self.body_mode, BodyModes):
+            return getattr(self.body_mode, direction)
+        return self.body_mode
 
     @field_validator("path_prefix")
     @classmethod

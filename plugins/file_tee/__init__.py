@@ -35,7 +35,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from extproc_host import Plugin, hookimpl
+from extproc_host import Needs, Plugin, hookimpl
 
 log = logging.getLogger(__name__)
 
@@ -307,6 +307,14 @@ class FileTee(Plugin):
 
     name = "file_tee"
     Settings = FileTeeSettings
+
+    @classmethod
+    def needs_for(cls, settings: FileTeeSettings) -> Needs:
+        """Only the bodies it copies, as they come."""
+        return Needs(
+            request_body="streamed" if settings.request else None,
+            response_body="streamed" if settings.response else None,
+        )
 
     def __init__(self, settings: FileTeeSettings, stream) -> None:
         super().__init__(settings, stream)

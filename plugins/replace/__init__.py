@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from extproc_host import Headers, Plugin, hookimpl
+from extproc_host import Headers, Needs, Plugin, hookimpl
 
 
 class ReplaceSettings(BaseModel):
@@ -70,6 +70,16 @@ class Replace(Plugin):
 
     name = "replace"
     Settings = ReplaceSettings
+
+    @classmethod
+    def needs_for(cls, settings: ReplaceSettings) -> Needs:
+        """Headers and body of each direction that has a file, bodies as they come."""
+        needs = Needs()
+        if settings.request_file is not None:
+            needs = needs | Needs(request_headers=True, request_body="streamed")
+        if settings.response_file is not None:
+            needs = needs | Needs(response_headers=True, response_body="streamed")
+        return needs
 
     def _check_mode(self, mode: str, key: str) -> None:
         if mode == "NONE":

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import zstandard
 from pydantic import BaseModel, ConfigDict, Field
 
-from extproc_host import Headers, Plugin, Reject, hookimpl
+from extproc_host import Headers, Needs, Plugin, Reject, hookimpl
 
 #: Media types that are compressed already: compressing them again costs CPU for nothing.
 DEFAULT_SKIP_CONTENT_TYPES = [
@@ -172,6 +172,16 @@ class Zstd(Plugin):
 
     name = "zstd"
     Settings = ZstdSettings
+
+    @classmethod
+    def needs_for(cls, settings: ZstdSettings) -> Needs:
+        """Headers and body of each direction it works on, bodies as they come."""
+        needs = Needs()
+        if settings.decompress_requests:
+            needs = needs | Needs(request_headers=True, request_body="streamed")
+        if settings.compress_responses:
+            needs = needs | Needs(request_headers=True, response_headers=True, response_body="streamed")
+        return needs
 
     def __init__(self, settings: ZstdSettings, stream) -> None:
         super().__init__(settings, stream)

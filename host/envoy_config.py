@@ -1,0 +1,233 @@
+"""An Envoy bootstrap built from the host's settings (``extproc-host envoy-config``).
+
+Built from envoy-data-plane's typed messages (a misspelt field is a Python error, not a config
+Envoy rejects at start-up), turned into a dict and then YAML. One Envoy route per settings
+route, matching its ``path_prefix`` (longest first, ``default`` last on ``/``); the ext_proc
+filter sends ``xds.route_name``; each route gets the processing mode its chain needs
+(:mod:`extproc_host.route_modes`) and its failure policy (``fail_open`` ->
+``failure_mode_allow``). Two clusters: ``extproc`` (HTTP/2, the host) and ``upstream``.
+
+envoy-data-plane takes a moment to import: only this command imports this module.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+# envoy-data-plane's generated models trip pydantic deprecation warnings on import: not ours to fix.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
+    from envoy_data_plane.envoy.config.cluster.v3 import (
+        CircuitBreakers,
+        CircuitBreakersThresholds,
+        Cluster,
+        ClusterDiscoveryType,
+    )
+    from envoy_data_plane.envoy.config.core.v3 import (
+        Address,
+        GrpcService,
+        GrpcServiceEnvoyGrpc,
+        Http1ProtocolOptions,
+        Http2ProtocolOptions,
+        Pipe,
+        SocketAddress,
+    )
+    from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints
+    from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
+    from envoy_data_plane.envoy.config.route.v3 import Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost
+    from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
+        ExternalProcessor,
+        ExtProcOverrides,
+        ExtProcPerRoute,
+        ProcessingMode,
+        ProcessingModeBodySendMode,
+        ProcessingModeHeaderSendMode,
+    )
+    from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
+    from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+        HttpConnectionManager,
+        HttpConnectionManagerCodecType,
+        HttpFilter,
+    )
+    from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
+        HttpProtocolOptions,
+        HttpProtocolOptionsExplicitHttpConfig,
+    )
+    from envoy_data_plane.google.protobuf import Any as AnyMessage
+
+from . import registry
+from .route_modes import RouteModes, ordered_routes, route_modes
+from .settings import Settings, parse_listen
+
+EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+# Envoy's own default per-connection buffer limit is 1 MiB: streamed chunks stay that size.
+H2_STREAM_WINDOW = 1024 * 1024
+H2_CONNECTION_WINDOW = 16 * 1024 * 1024
+MANY = 10_000  # circuit breaker thresholds: high enough for 10 x 70 MiB uploads and wrk -c50
+
+
+@dataclass(frozen=True)
+class EnvoyOptions:
+    """Command-line choices that are not in the settings file."""
+
+    listen: str = "0.0.0.0:18080"
+    admin_port: int = 9901
+    #: Where Envoy reaches the host: HOST:PORT or unix:PATH; None: the settings' [server] listen.
+    host_address: str | None = None
+    upstream: str = "127.0.0.1:8080"
+    message_timeout: float = 5.0
+    ext_proc: bool = True
+
+
+def _seconds(value: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=value)
+
+
+def _socket(address: str, connect: bool = True) -> tuple[Address, bool]:
+    """An Envoy address for ``HOST:PORT`` or ``unix:PATH``, and whether it needs DNS.
+    ``connect``: Envoy connects to it, so an unspecified address (0.0.0.0) means loopback."""
+    if address.startswith("unix:"):
+        return Address(pipe=Pipe(path=address.removeprefix("unix:"))), False
+    host, port = parse_listen(address)
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return Address(socket_address=SocketAddress(address=host, port_value=port)), True
+    if connect and ip.is_unspecified:  # the host listens everywhere: reach it on loopback
+        host = "::1" if ip.version == 6 else "127.0.0.1"
+    return Address(socket_address=SocketAddress(address=host, port_value=port)), False
+
+
+def _cluster(name: str, address: str, http2: bool) -> Cluster:
+    """A cluster of one endpoint; STRICT_DNS for a hostname, STATIC otherwise."""
+    endpoint, dns = _socket(address)
+    if http2:
+        protocol = HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=Http2ProtocolOptions())
+    else:
+        protocol = HttpProtocolOptionsExplicitHttpConfig(http_protocol_options=Http1ProtocolOptions())
+    return Cluster(
+        name=name,
+        type=ClusterDiscoveryType.STRICT_DNS if dns else ClusterDiscoveryType.STATIC,
+        connect_timeout=_seconds(5),
+        typed_extension_protocol_options={HTTP_OPTIONS: AnyMessage.pack(HttpProtocolOptions(explicit_http_config=protocol))},
+        circuit_breakers=CircuitBreakers(
+            thresholds=[CircuitBreakersThresholds(max_connections=MANY, max_pending_requests=MANY, max_requests=MANY)]
+        ),
+        load_assignment=ClusterLoadAssignment(
+            cluster_name=name,
+            endpoints=[LocalityLbEndpoints(lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=endpoint))])],
+        ),
+    )
+
+
+def processing_mode(modes: RouteModes) -> ProcessingMode:
+    """The ext_proc ProcessingMode for a route's modes."""
+    send, skip = ProcessingModeHeaderSendMode.SEND, ProcessingModeHeaderSendMode.SKIP
+    return ProcessingMode(
+        request_header_mode=send,
+        response_header_mode=send if modes.response_headers else skip,
+        request_body_mode=ProcessingModeBodySendMode[modes.request_body],
+        response_body_mode=ProcessingModeBodySendMode[modes.response_body],
+        request_trailer_mode=send if modes.request_trailers else skip,
+        response_trailer_mode=send if modes.response_trailers else skip,
+    )
+
+
+def _per_route(modes: RouteModes, fail_open: bool, filter_modes: RouteModes, filter_fail_open: bool) -> ExtProcPerRoute | None:
+    """The route's ExtProcPerRoute: disabled, overrides where it differs from the filter, or None."""
+    if modes.disabled:
+        return ExtProcPerRoute(disabled=True)
+    overrides = ExtProcOverrides()
+    changed = False
+    if processing_mode(modes) != processing_mode(filter_modes):
+        overrides.processing_mode = processing_mode(modes)
+        changed = True
+    if fail_open != filter_fail_open:
+        overrides.failure_mode_allow = fail_open
+        changed = True
+    return ExtProcPerRoute(overrides=overrides) if changed else None
+
+
+def build_bootstrap(settings: Settings, routes: dict[str, registry.Route], options: EnvoyOptions, source: str) -> Bootstrap:
+    """The whole Envoy bootstrap; ConfigError on settings Envoy cannot be configured for."""
+    ordered = ordered_routes(routes, source)
+    modes = {r.name: route_modes(r, settings.routes[r.name], source) for r in ordered}
+    fail_open = {r.name: r.failure_policy == "fail_open" for r in ordered}
+    default = modes["default"]
+    filter_modes = default if not default.disabled else RouteModes()
+    envoy_routes = []
+    for route in ordered:
+        envoy_route = Route(
+            name=route.name,
+            match=RouteMatch(prefix="/" if route.name == "default" else route.path_prefix),
+            route=RouteAction(cluster="upstream", timeout=_seconds(0)),
+        )
+        if options.ext_proc:
+            per_route = _per_route(modes[route.name], fail_open[route.name], filter_modes, fail_open["default"])
+            if per_route is not None:
+                envoy_route.typed_per_filter_config = {EXT_PROC_FILTER: AnyMessage.pack(per_route)}
+            if modes[route.name].buffer_limit_bytes is not None:
+                envoy_route.request_body_buffer_limit = modes[route.name].buffer_limit_bytes
+        envoy_routes.append(envoy_route)
+    http_filters = []
+    if options.ext_proc:
+        ext_proc = ExternalProcessor(
+            grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name="extproc")),
+            failure_mode_allow=fail_open["default"],
+            message_timeout=_seconds(options.message_timeout),
+            request_attributes=["xds.route_name"],
+            processing_mode=processing_mode(filter_modes),
+        )
+        http_filters.append(HttpFilter(name=EXT_PROC_FILTER, typed_config=AnyMessage.pack(ext_proc)))
+    http_filters.append(HttpFilter(name="envoy.filters.http.router", typed_config=AnyMessage.pack(Router())))
+    manager = HttpConnectionManager(
+        stat_prefix="ingress",
+        codec_type=HttpConnectionManagerCodecType.AUTO,  # HTTP/1.1 and h2c on one port
+        request_timeout=_seconds(0),  # large uploads take a while
+        stream_idle_timeout=_seconds(300),
+        http2_protocol_options=Http2ProtocolOptions(
+            initial_stream_window_size=H2_STREAM_WINDOW, initial_connection_window_size=H2_CONNECTION_WINDOW
+        ),
+        route_config=RouteConfiguration(
+            name="routes", virtual_hosts=[VirtualHost(name="all", domains=["*"], routes=envoy_routes)]
+        ),
+        http_filters=http_filters,
+    )
+    listen_address, _ = _socket(options.listen, connect=False)
+    listener = Listener(
+        name="ingress",
+        address=listen_address,
+        filter_chains=[
+            FilterChain(
+                filters=[Filter(name="envoy.filters.network.http_connection_manager", typed_config=AnyMessage.pack(manager))]
+            )
+        ],
+    )
+    clusters = []
+    if options.ext_proc:
+        clusters.append(_cluster("extproc", options.host_address or settings.server.listen, http2=True))
+    clusters.append(_cluster("upstream", options.upstream, http2=False))
+    admin = Admin(address=Address(socket_address=SocketAddress(address="127.0.0.1", port_value=options.admin_port)))
+    return Bootstrap(admin=admin, static_resources=BootstrapStaticResources(listeners=[listener], clusters=clusters))
+
+
+def to_plain(bootstrap: Bootstrap) -> dict[str, Any]:
+    """The bootstrap as plain dicts with Envoy's snake_case field names."""
+    from betterproto2 import Casing
+
+    plain = bootstrap.to_dict(casing=Casing.SNAKE)
+    return {"admin": plain.pop("admin"), **plain}  # admin first, as people write it
+
+
+def render_yaml(bootstrap: Bootstrap, header: str) -> str:
+    """YAML text: ``header`` as comment lines, then the bootstrap."""
+    comment = "".join(f"# {line}".rstrip() + "\n" for line in header.splitlines())
+    return comment + "\n" + yaml.safe_dump(to_plain(bootstrap), sort_keys=False, width=120)

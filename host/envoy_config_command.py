@@ -1,0 +1,102 @@
+"""The ``extproc-host envoy-config`` command: options, checks, output.
+
+envoy-data-plane (slow to import) is imported only when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .settings import ConfigError, parse_listen
+
+
+def add_envoy_config_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``envoy-config`` subcommand's options."""
+    envoy = sub.add_parser("envoy-config", help="print the Envoy bootstrap (YAML) that matches a settings file")
+    envoy.add_argument("--config", "-c", required=True, metavar="FILE", help="settings TOML file")
+    where = envoy.add_mutually_exclusive_group()
+    where.add_argument("--listen", metavar="HOST:PORT", help="HOST:PORT of Envoy's listener (default 0.0.0.0:18080)")
+    where.add_argument("--port", type=int, metavar="N", help="port of Envoy's listener on 0.0.0.0")
+    envoy.add_argument("--admin-port", type=int, metavar="N", default=9901, help="Envoy admin port on 127.0.0.1 (default 9901)")
+    envoy.add_argument("--host-address", metavar="ADDRESS", help="HOST:PORT or unix:PATH where Envoy reaches the host (default: [server] listen)")
+    envoy.add_argument("--upstream", default="127.0.0.1:8080", metavar="HOST:PORT", help="HOST:PORT of the upstream (default 127.0.0.1:8080)")
+    envoy.add_argument("--message-timeout", type=float, default=5.0, metavar="S", help="seconds the host has per message (default 5)")
+    envoy.add_argument("--no-ext-proc", action="store_true", help="no ext_proc filter: Envoy straight to the upstream")
+    envoy.add_argument("--output", "-o", metavar="FILE", help="write to this file instead of standard output")
+
+
+def _envoy_config_command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this output, for the generated file's header."""
+    words = ["extproc-host", "envoy-config", "--config", args.config]
+    if args.listen:
+        words += ["--listen", args.listen]
+    if args.port is not None:
+        words += ["--port", str(args.port)]
+    if args.admin_port != 9901:
+        words += ["--admin-port", str(args.admin_port)]
+    if args.host_address:
+        words += ["--host-address", args.host_address]
+    if args.upstream != "127.0.0.1:8080":
+        words += ["--upstream", args.upstream]
+    if args.message_timeout != 5.0:
+        words += ["--message-timeout", f"{args.message_timeout:g}"]
+    if args.no_ext_proc:
+        words.append("--no-ext-proc")
+    return " ".join(words)
+
+
+def _envoy_options(args: argparse.Namespace):
+    """EnvoyOptions from the command line; ConfigError naming the option when one is wrong."""
+    from .envoy_config import EnvoyOptions
+
+    listen = args.listen or f"0.0.0.0:{18080 if args.port is None else args.port}"
+    checks = {"--listen/--port": listen, "--upstream": args.upstream}
+    if args.host_address and not args.host_address.startswith("unix:"):
+        checks["--host-address"] = args.host_address
+    for option, value in checks.items():
+        try:
+            parse_listen(value)
+        except ValueError as exc:
+            raise ConfigError(f"{option}: {exc}") from None
+    if args.host_address == "unix:":
+        raise ConfigError("--host-address: expected unix:PATH with a path")
+    if not 0 <= args.admin_port <= 65535:
+        raise ConfigError(f"--admin-port: expected a port number, got {args.admin_port}")
+    if args.message_timeout <= 0:
+        raise ConfigError(f"--message-timeout: expected seconds above 0, got {args.message_timeout:g}")
+    return EnvoyOptions(
+        listen=listen,
+        admin_port=args.admin_port,
+        host_address=args.host_address,
+        upstream=args.upstream,
+        message_timeout=args.message_timeout,
+        ext_proc=not args.no_ext_proc,
+    )
+
+
+def run_envoy_config(args: argparse.Namespace) -> int:
+    """Print (or write with -o) the Envoy bootstrap for ``args.config``."""
+    from .cli import _load  # settings, plugins and routes checked as for serve
+
+    settings, _, routes = _load(args.config)
+    options = _envoy_options(args)
+    from .envoy_config import build_bootstrap, render_yaml  # slow import: only for this command
+
+    bootstrap = build_bootstrap(settings, routes, options, args.config)
+    header = (
+        f"Envoy bootstrap generated from {args.config}: do not edit, regenerate it with\n"
+        f"  {_envoy_config_command(args)}\n"
+        "(make envoy-configs regenerates every file in envoy/)."
+    )
+    text = render_yaml(bootstrap, header)
+    if args.output:
+        try:
+            with open(args.output, "w") as fh:
+                fh.write(text)
+        except OSError as exc:
+            print(f"extproc-host: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
+            return 1
+    else:
+        sys.stdout.write(text)
+    return 0
