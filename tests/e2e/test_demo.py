@@ -1,42 +1,156 @@
-"""`extproc-host demo` (what `make demo` runs) end to end, small: it succeeds, says what it
-checked, and leaves no process behind."""
+"""`extproc-host demo` (what `make demo` runs) end to end, small: the table has a row per mode
+with its figures, every body verified, the chart and samples written, and no process left
+behind, after a normal run and after Ctrl-C in the middle of one.
+
+Only processes descended from the demo process are watched (other Envoys run on this machine).
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
 import psutil
 import pytest
 
 pytestmark = pytest.mark.e2e
 
-
-def _stack_processes() -> set[int]:
-    """Pids of every Envoy, host and echo process on the machine."""
-    found = set()
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = " ".join(p.info["cmdline"] or [])
-        if "extproc-stack-" in cmdline or "extproc-host" in cmdline or "extproc_host" in cmdline:
-            found.add(p.info["pid"])
-    return found
+ROW = re.compile(
+    r"^│ (FULL_DUPLEX_STREAMED|STREAMED|Envoy alone \(no ext_proc\))\s*│\s*([\d.]+) │\s*([\d.]+) │\s*(\d+) │\s*(\d+|-) │\s*(.+?) │$",
+    re.MULTILINE,
+)
 
 
-def test_demo_runs_and_cleans_up():
-    before = _stack_processes()
-    proc = subprocess.run(
-        [sys.executable, "-m", "extproc_host", "demo", "--size-mib", "2"],
-        capture_output=True,
+class Descendants:
+    """Records every process descended from ``pid`` (polled in a thread) until stopped."""
+
+    def __init__(self, pid: int) -> None:
+        self.root = psutil.Process(pid)
+        self.seen: dict[int, psutil.Process] = {}
+        self.commands: dict[int, str] = {}  # read when first seen: a process that ended has none
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for child in self.root.children(recursive=True):
+                    if child.pid not in self.seen:
+                        self.seen[child.pid] = child
+                        try:
+                            self.commands[child.pid] = " ".join(child.cmdline())
+                        except psutil.Error:
+                            pass
+            except psutil.Error:
+                return
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def alive(self) -> list[str]:
+        """The recorded processes still running (psutil checks pid and start time)."""
+        left = []
+        for proc in self.seen.values():
+            try:
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    left.append(f"{proc.pid} {' '.join(proc.cmdline())[:120]}")
+            except psutil.Error:
+                pass
+        return left
+
+    def names(self) -> list[str]:
+        """Command lines of the recorded processes."""
+        return list(self.commands.values())
+
+
+def _demo(args: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "extproc_host", "demo", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=180,
         env={**os.environ, "COLUMNS": "200"},
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    out = proc.stdout
-    for mode in ("FULL_DUPLEX_STREAMED", "STREAMED", "BUFFERED", "headers only"):
-        assert mode in out
-    assert out.count("match") >= 5 and "MISMATCH" not in out
-    assert "2 files, 2 identical to the uploaded body" in out
+
+
+def test_demo_table_chart_samples_and_cleanup(tmp_path: Path):
+    results = tmp_path / "results"
+    proc = _demo(["-n", "2", "--size-mib", "4", "--results", str(results)])
+    watcher = Descendants(proc.pid)
+    out, _ = proc.communicate(timeout=180)
+    watcher.stop()
+    assert proc.returncode == 0, out
+
+    rows = {m.group(1): m.groups()[1:] for m in ROW.finditer(out)}
+    assert set(rows) == {"FULL_DUPLEX_STREAMED", "STREAMED", "Envoy alone (no ext_proc)"}, out
+    for mode, (wall, rate, envoy_peak, host_peak, verified) in rows.items():
+        assert float(wall) > 0 and float(rate) > 0, out
+        assert int(envoy_peak) > 0, out
+        assert (host_peak == "-") == (mode == "Envoy alone (no ext_proc)"), out
+        if host_peak != "-":
+            assert int(host_peak) > 0, out
+        assert verified.startswith("2/2"), out
+    assert "tee copies 4/4" in rows["FULL_DUPLEX_STREAMED"][4], out
     assert "every body came back byte for byte" in out
-    assert _stack_processes() - before == set()  # the demo's Envoy, host and echo are gone
+
+    chart = results / "rss.png"
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    document = json.loads((results / "samples.json").read_text())
+    assert [m["key"] for m in document["modes"]] == ["full-duplex", "streamed", "direct"]
+    for mode in document["modes"]:
+        assert mode["bodies_verified"] == 2 and mode["samples"], mode["key"]
+        assert all(s["envoy_rss_bytes"] > 0 for s in mode["samples"][:-1]), mode["key"]
+    assert document["body_bytes"] == 4 * 1024 * 1024
+
+    # The demo really ran three stacks (Envoy, echo, host) as its children, and none is left.
+    commands = watcher.names()
+    assert sum("envoy" in c and "extproc-stack-" in c for c in commands) == 3, commands
+    assert watcher.alive() == []
+
+
+def test_demo_checks_a_users_file(tmp_path: Path):
+    own = tmp_path / "video.mp4"
+    own.write_bytes(os.urandom(3 * 1024 * 1024 + 17))  # not a whole number of MiB
+    proc = _demo(["-n", "3", "--file", str(own), "--modes", "full-duplex", "--results", str(tmp_path / "r")])
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "video.mp4" in out and "3/3 (tee copies 6/6)" in out, out
+    assert len(ROW.findall(out)) == 1, out
+
+
+def test_demo_bad_options_exit_2(tmp_path: Path):
+    proc = _demo(["--modes", "full-duplex,sideways"])
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "--modes" in out and "sideways" in out, out
+    proc = _demo(["--file", str(tmp_path / "missing.mp4")])
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "missing.mp4" in out, out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_demo_leaves_no_process(tmp_path: Path, sig: signal.Signals):
+    # Large enough that the uploads are still running when the signal comes.
+    proc = _demo(["-n", "4", "--size-mib", "64", "--results", str(tmp_path / "r")])
+    watcher = Descendants(proc.pid)
+    deadline = time.monotonic() + 60
+    while not any("envoy" in c for c in watcher.names()):
+        assert proc.poll() is None and time.monotonic() < deadline, "the demo never started Envoy"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert proc.poll() is None, "the demo ended before it could be interrupted"
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=60)
+    watcher.stop()
+    assert proc.returncode != 0, out
+    assert watcher.alive() == [], out
+    assert not (tmp_path / "r" / "rss.png").exists()
