@@ -6,7 +6,9 @@ request's content-type and content-encoding echoed, its content-length kept when
 which speaks HTTP/2 with prior knowledge (h2c) and HTTP/1.1 on the same port. Bodies stream
 with flow control both ways: hypercorn hands the application a bounded queue of request
 chunks and each response chunk waits for the peer's window, so memory stays flat whatever the
-body size.
+body size, for clients that read the response while they send (Envoy, curl). A client that
+sends its whole request before reading (httpx) makes hypercorn hold the echoed bytes it cannot
+send yet.
 """
 
 from __future__ import annotations
