@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import random
 import signal
 import tempfile
@@ -288,10 +289,18 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 def run(options: DemoOptions, console: Console | None = None) -> int:
     """Run the demo; returns 0 when every body (and every file_tee copy) came back exact."""
-    from .demo_report import print_table, write_results
+    from .demo_report import PLAIN_WIDTH, print_table, write_results
 
-    console = console or Console()
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # stop the stack on SIGTERM too
+    if console is None:
+        console = Console()
+        if not console.is_terminal and "COLUMNS" not in os.environ:
+            console = Console(width=PLAIN_WIDTH)
+    # Ctrl-C and SIGTERM stop the stacks. SIGINT explicitly: a shell starting the demo in the
+    # background (`make demo &`) hands it SIGINT ignored.
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_interrupt),
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+    }
     try:
         with tempfile.TemporaryDirectory(prefix="extproc-demo-") as tmp:
             work = Path(tmp)
@@ -302,8 +311,15 @@ def run(options: DemoOptions, console: Console | None = None) -> int:
                     body = generate_body(work / f"body-{options.size_mib}MiB.bin", options.size_mib * MiB)
             console.print(
                 f"[bold]extproc-host demo[/]: {options.concurrency} concurrent uploads of {body.path.name} "
-                f"({body.size / MiB:.1f} MiB, sha256 {body.sha256[:16]}...), each echoed back and checked"
+                f"({body.size / MiB:.1f} MiB, sha256 {body.sha256[:16]}...), each echoed back and checked",
+                soft_wrap=True,
             )
+            if "full-duplex" in options.modes:
+                console.print(
+                    "The FULL_DUPLEX_STREAMED route runs file_tee (config/full_duplex.toml): both bodies of "
+                    "every upload are copied to files, which are checked too, then deleted.",
+                    soft_wrap=True,
+                )
             results = [
                 run_mode(MODES[key], body, options.concurrency, work, console, options.keep_copies)
                 for key in options.modes
@@ -311,7 +327,7 @@ def run(options: DemoOptions, console: Console | None = None) -> int:
             out = options.results or default_results_dir()
             print_table(results, console)
             written = write_results(results, body, out)
-            console.print(f"chart {written['chart']}, raw samples {written['samples']}")
+            console.print(f"chart {written['chart']}, raw samples {written['samples']}", soft_wrap=True, highlight=False)
             ok = all(r.ok for r in results)
             console.print("[green]every body came back byte for byte[/]" if ok else "[red]some bodies did not come back intact[/]")
             if options.keep_running:
@@ -320,7 +336,8 @@ def run(options: DemoOptions, console: Console | None = None) -> int:
                 keep_running(body, tee_dir, console)
             return 0 if ok else 1
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def parse_modes(text: str) -> list[str]:

@@ -22,12 +22,14 @@ if TYPE_CHECKING:
 
 MiB = 1024 * 1024
 TABLE_COLUMNS = ("mode", "wall s", "MiB/s", "Envoy peak RSS MiB", "host peak RSS MiB", "bodies verified")
+#: Width used when the output is not a terminal (a pipe, a file, CI), so the table does not wrap.
+PLAIN_WIDTH = 120
 
 
 def _verified_cell(result: ModeResult) -> str:
     text = f"{result.verified}/{result.concurrency}"
     if result.copies_expected:
-        text += f" (tee copies {result.copies_verified}/{result.copies_expected})"
+        text += f", tee copies {result.copies_verified}/{result.copies_expected}"
     return text if result.ok else f"[red]{text}[/]"
 
 

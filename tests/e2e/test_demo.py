@@ -7,6 +7,7 @@ Only processes descended from the demo process are watched (other Envoys run on 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -124,7 +126,7 @@ def test_demo_checks_a_users_file(tmp_path: Path):
     proc = _demo(["-n", "3", "--file", str(own), "--modes", "full-duplex", "--results", str(tmp_path / "r")])
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
-    assert "video.mp4" in out and "3/3 (tee copies 6/6)" in out, out
+    assert "video.mp4" in out and "3/3, tee copies 6/6" in out, out
     assert len(ROW.findall(out)) == 1, out
 
 
@@ -154,3 +156,29 @@ def test_interrupted_demo_leaves_no_process(tmp_path: Path, sig: signal.Signals)
     assert proc.returncode != 0, out
     assert watcher.alive() == [], out
     assert not (tmp_path / "r" / "rss.png").exists()
+
+
+def test_keep_running_serves_the_printed_commands_until_ctrl_c(tmp_path: Path):
+    proc = _demo(["-n", "1", "--size-mib", "1", "--modes", "direct", "--keep-running", "--results", str(tmp_path / "r")])
+    watcher = Descendants(proc.pid)
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("Ctrl-C stops"):
+            break
+    out = "".join(lines)
+    match = re.search(r"curl -s --data-binary @(\S+) (http://127\.0\.0\.1:\d+/full-duplex-streamed)", out)
+    assert match, out
+    body = Path(match.group(1)).read_bytes()
+    request = urllib.request.Request(match.group(2), data=body, method="POST")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        echoed = response.read()
+    assert hashlib.sha256(echoed).hexdigest() == hashlib.sha256(body).hexdigest()
+    assert sum("envoy" in c for c in watcher.names()) == 2  # the measured run's stack, then this one
+    assert watcher.alive(), "the stack should still be up"
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    watcher.stop()
+    assert watcher.alive() == []
+    assert not Path(match.group(1)).exists()  # the generated file went with the temporary directory
