@@ -126,6 +126,11 @@ def _demo(args: argparse.Namespace) -> int:
 
     from .demo import DemoOptions, parse_modes, run
 
+    try:
+        import matplotlib  # noqa: F401  (checked now, not after the uploads)
+    except ImportError:
+        print("extproc-host demo: matplotlib is missing: pip install 'extproc-host[demo]'", file=sys.stderr)
+        return 2
     if args.concurrency < 1:
         raise ConfigError(f"--concurrency: must be at least 1, got {args.concurrency}")
     if args.size_mib < 1:

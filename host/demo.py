@@ -29,7 +29,7 @@ import aiohttp
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from .stack import RssSample, Stack
+from .stack import RssSample, Stack, StackError
 
 MiB = 1024 * 1024
 CHUNK = MiB
@@ -320,10 +320,14 @@ def run(options: DemoOptions, console: Console | None = None) -> int:
                     "every upload are copied to files, which are checked too, then deleted.",
                     soft_wrap=True,
                 )
-            results = [
-                run_mode(MODES[key], body, options.concurrency, work, console, options.keep_copies)
-                for key in options.modes
-            ]
+            try:
+                results = [
+                    run_mode(MODES[key], body, options.concurrency, work, console, options.keep_copies)
+                    for key in options.modes
+                ]
+            except StackError as exc:
+                console.print(f"[red]the stack did not start:[/] {exc}", highlight=False)
+                return 1
             out = options.results or default_results_dir()
             print_table(results, console)
             written = write_results(results, body, out)
