@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--results", help="directory for rss.png and samples.json (default demo-results/<UTC time>)")
     demo.add_argument("--modes", default="full-duplex,streamed,direct", help="comma-separated, from full-duplex, streamed, direct (default all three)")
     demo.add_argument("--keep-running", action="store_true", help="afterwards leave a stack up and print curl commands to try it")
-    demo.add_argument("--keep-copies", action="store_true", help="keep file_tee's copies of the full-duplex bodies (default: deleted once checked)")
+    demo.add_argument("--keep-copies", action="store_true", help="keep file_tee's copies of the full-duplex bodies in the results directory (default: deleted once checked)")
     return parser
 
 

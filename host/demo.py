@@ -229,11 +229,12 @@ def check_copies(tee_dir: Path, body: Body) -> tuple[int, int]:
     return len(copies), sum(1 for p in copies if p.stat().st_size == body.size and sha256_file(p) == body.sha256)
 
 
-def run_mode(mode: Mode, body: Body, concurrency: int, work: Path, console: Console, keep_copies: bool) -> ModeResult:
-    """Start a stack for ``mode``, run the N uploads while sampling RSS, check bodies and copies."""
-    tee_dir = work / f"tee-{mode.key}" if mode.tees else None
+def run_mode(mode: Mode, body: Body, concurrency: int, copies: Path, console: Console, keep_copies: bool) -> ModeResult:
+    """Start a stack for ``mode``, run the N uploads while sampling RSS, check bodies and the
+    copies file_tee writes under ``copies`` (deleted once checked unless ``keep_copies``)."""
+    tee_dir = copies / f"tee-{mode.key}" if mode.tees else None
     if tee_dir is not None:
-        tee_dir.mkdir()
+        tee_dir.mkdir(parents=True, exist_ok=True)
     what = "Envoy and echo" if mode.host_config is None else "Envoy, echo and extproc-host"
     console.print(f"[bold]{mode.label}[/]: starting {what} on free ports...")
     with running_stack(mode, tee_dir) as stack:
@@ -280,7 +281,8 @@ def keep_running(body: Body, tee_dir: Path, console: Console) -> None:
             )
         console.print(f"  curl -s '{stack.admin_url}/stats?filter=ext_proc'", soft_wrap=True, highlight=False)
         console.print("\nCtrl-C stops Envoy, the host and the echo upstream.")
-        signal.pause() if hasattr(signal, "pause") else time.sleep(1e9)
+        while True:
+            signal.pause()
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -320,15 +322,16 @@ def run(options: DemoOptions, console: Console | None = None) -> int:
                     "every upload are copied to files, which are checked too, then deleted.",
                     soft_wrap=True,
                 )
+            out = options.results or default_results_dir()
+            copies = out if options.keep_copies else work
             try:
                 results = [
-                    run_mode(MODES[key], body, options.concurrency, work, console, options.keep_copies)
+                    run_mode(MODES[key], body, options.concurrency, copies, console, options.keep_copies)
                     for key in options.modes
                 ]
             except StackError as exc:
                 console.print(f"[red]the stack did not start:[/] {exc}", highlight=False)
                 return 1
-            out = options.results or default_results_dir()
             print_table(results, console)
             written = write_results(results, body, out)
             console.print(f"chart {written['chart']}, raw samples {written['samples']}", soft_wrap=True, highlight=False)

@@ -132,11 +132,16 @@ def test_demo_table_chart_samples_and_cleanup(tmp_path: Path):
 def test_demo_checks_a_users_file(tmp_path: Path):
     own = tmp_path / "video.mp4"
     own.write_bytes(os.urandom(3 * 1024 * 1024 + 17))  # not a whole number of MiB
-    proc = _demo(["-n", "3", "--file", str(own), "--modes", "full-duplex", "--results", str(tmp_path / "r")])
+    results = tmp_path / "r"
+    args = ["-n", "3", "--file", str(own), "--modes", "full-duplex", "--keep-copies", "--results", str(results)]
+    proc = _demo(args)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert "video.mp4" in out and "3/3, tee copies 6/6" in out, out
     assert len(ROW.findall(out)) == 1, out
+    kept = sorted(p.name for p in (results / "tee-full-duplex").iterdir())
+    assert len(kept) == 6 and all(p.endswith((".request.body", "-request.body", "-response.body")) for p in kept), kept
+    assert own.exists()  # the user's file is never touched
 
 
 def test_demo_bad_options_exit_2(tmp_path: Path):
