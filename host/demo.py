@@ -27,7 +27,8 @@ from pathlib import Path
 
 import aiohttp
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, Task, TextColumn
+from rich.text import Text
 
 from .stack import RssSample, Stack, StackError
 
@@ -198,6 +199,14 @@ async def _uploads(url: str, body: Body, concurrency: int, progress: Progress, l
     return list(results)
 
 
+class MiBPerSecondColumn(ProgressColumn):
+    """A progress bar's speed in MiB/s, the table's unit (rich's own column shows MB/s)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("?" if speed is None else f"{speed / MiB:.1f} MiB/s", style="progress.data.speed")
+
+
 @contextlib.contextmanager
 def _blocked_signals() -> Iterator[None]:
     """SIGINT and SIGTERM held back (not lost) while the stack stops, so a second Ctrl-C
@@ -242,7 +251,7 @@ def run_mode(mode: Mode, body: Body, concurrency: int, copies: Path, console: Co
         console.print(f"  Envoy on {stack.url}{mode.path} (pids: {pids})")
         progress = Progress(
             TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
-            TransferSpeedColumn(), console=console, transient=not console.is_terminal,
+            MiBPerSecondColumn(), console=console, transient=not console.is_terminal,
         )
         with progress, stack.sampler(0.1) as rss:
             start = time.perf_counter()
