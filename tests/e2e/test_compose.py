@@ -140,3 +140,24 @@ def test_dockerfile_files_install_the_project(tmp_path: Path) -> None:
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "extproc-host = extproc_host.cli:main" in text and "file_tee" in text
+
+
+def test_compose_envoy_config_carries_traffic_through_the_host(payload, tee_directory: Path) -> None:
+    """envoy/compose.yaml's routes and filters work with the real host and echo (the stack
+    runner points its two clusters at local ports; the cluster type stays STRICT_DNS)."""
+    import asyncio
+
+    from e2e_clients import h1_request
+
+    from extproc_host.stack import Stack
+
+    body = payload(3 * 1024 * 1024)
+    env = {"EXTPROC_PLUGINS__FILE_TEE__DIRECTORY": str(tee_directory)}
+    with Stack("envoy/compose.yaml", "config/full_duplex.toml", host_env=env) as stack:
+        clusters = stack.admin_get("/clusters")
+        for path in ("/full-duplex-streamed", "/streamed", "/buffered"):
+            echoed = asyncio.run(h1_request(stack.url + path, body=body))
+            assert (echoed.status, echoed.size, echoed.sha256) == (200, body.size, body.sha256), path
+        processed = stack.envoy_stats(r"ext_proc\..*streams_started")
+    assert "extproc::" in clusters and "upstream::" in clusters
+    assert sum(processed.values()) >= 3, processed
