@@ -21,7 +21,7 @@ import random
 import signal
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,14 +103,17 @@ class ModeResult:
 
     @property
     def verified(self) -> int:
+        """Uploads answered 200 whose echo matched the file's sha256."""
         return sum(1 for u in self.uploads if u.verified and u.status == 200)
 
     @property
     def mib_per_second(self) -> float:
+        """Aggregate rate: all uploaded bytes over the wall time."""
         return self.concurrency * self.body_bytes / MiB / self.wall_seconds if self.wall_seconds else 0.0
 
     @property
     def ok(self) -> bool:
+        """Every body and every file_tee copy came back exact."""
         return self.verified == self.concurrency and self.copies_verified == self.copies_expected
 
 
@@ -160,7 +163,7 @@ async def _file_blocks(path: Path) -> AsyncIterator[bytes]:
             yield block
 
 
-async def upload(session: aiohttp.ClientSession, url: str, body: Body, on_bytes) -> Upload:
+async def upload(session: aiohttp.ClientSession, url: str, body: Body, on_bytes: Callable[[int], None]) -> Upload:
     """POST the file to ``url`` with its content-length, hashing the echo as it arrives
     (never holding it); ``on_bytes(n)`` is called for every piece received."""
     digest, result = hashlib.sha256(), Upload()
@@ -186,7 +189,7 @@ async def _uploads(url: str, body: Body, concurrency: int, progress: Progress, l
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False) as session:
 
-        def advance(bar):
+        def advance(bar: int) -> Callable[[int], None]:
             def on_bytes(n: int) -> None:
                 progress.advance(bar, n)
                 progress.advance(total, n)
