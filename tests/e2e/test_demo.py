@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -82,19 +83,37 @@ def _running(pid: int) -> bool:
         return False
 
 
-def _demo(args: list[str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "extproc_host", "demo", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "COLUMNS": "200"},
-    )
+@pytest.fixture
+def demo() -> Iterator[Callable[[list[str]], subprocess.Popen[str]]]:
+    """``demo(args)`` starts ``extproc-host demo args``; a demo still running when the test
+    ends (a failed assertion) gets Ctrl-C, so it stops its stacks, and is killed if it hangs."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(args: list[str]) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "extproc_host", "demo", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
 
 
-def test_demo_table_chart_samples_and_cleanup(tmp_path: Path):
+def test_demo_table_chart_samples_and_cleanup(demo, tmp_path: Path):
     results = tmp_path / "results"
-    proc = _demo(["-n", "2", "--size-mib", "4", "--results", str(results)])
+    proc = demo(["-n", "2", "--size-mib", "4", "--results", str(results)])
     watcher = Descendants(proc.pid)
     out, _ = proc.communicate(timeout=180)
     watcher.stop()
@@ -129,12 +148,12 @@ def test_demo_table_chart_samples_and_cleanup(tmp_path: Path):
     assert watcher.alive() == []
 
 
-def test_demo_checks_a_users_file(tmp_path: Path):
+def test_demo_checks_a_users_file(demo, tmp_path: Path):
     own = tmp_path / "video.mp4"
     own.write_bytes(os.urandom(3 * 1024 * 1024 + 17))  # not a whole number of MiB
     results = tmp_path / "r"
     args = ["-n", "3", "--file", str(own), "--modes", "full-duplex", "--keep-copies", "--results", str(results)]
-    proc = _demo(args)
+    proc = demo(args)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert "video.mp4" in out and "3/3, tee copies 6/6" in out, out
@@ -144,19 +163,19 @@ def test_demo_checks_a_users_file(tmp_path: Path):
     assert own.exists()  # the user's file is never touched
 
 
-def test_demo_bad_options_exit_2(tmp_path: Path):
-    proc = _demo(["--modes", "full-duplex,sideways"])
+def test_demo_bad_options_exit_2(demo, tmp_path: Path):
+    proc = demo(["--modes", "full-duplex,sideways"])
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "--modes" in out and "sideways" in out, out
-    proc = _demo(["--file", str(tmp_path / "missing.mp4")])
+    proc = demo(["--file", str(tmp_path / "missing.mp4")])
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "missing.mp4" in out, out
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupted_demo_leaves_no_process(tmp_path: Path, sig: signal.Signals):
+def test_interrupted_demo_leaves_no_process(demo, tmp_path: Path, sig: signal.Signals):
     # Large enough that the uploads are still running when the signal comes.
-    proc = _demo(["-n", "4", "--size-mib", "64", "--results", str(tmp_path / "r")])
+    proc = demo(["-n", "4", "--size-mib", "64", "--results", str(tmp_path / "r")])
     watcher = Descendants(proc.pid)
     deadline = time.monotonic() + 60
     while not any("envoy" in c for c in watcher.names()):
@@ -172,8 +191,8 @@ def test_interrupted_demo_leaves_no_process(tmp_path: Path, sig: signal.Signals)
     assert not (tmp_path / "r" / "rss.png").exists()
 
 
-def test_keep_running_serves_the_printed_commands_until_ctrl_c(tmp_path: Path):
-    proc = _demo(["-n", "1", "--size-mib", "1", "--modes", "direct", "--keep-running", "--results", str(tmp_path / "r")])
+def test_keep_running_serves_the_printed_commands_until_ctrl_c(demo, tmp_path: Path):
+    proc = demo(["-n", "1", "--size-mib", "1", "--modes", "direct", "--keep-running", "--results", str(tmp_path / "r")])
     watcher = Descendants(proc.pid)
     assert proc.stdout is not None
     lines = []
