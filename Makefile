@@ -13,9 +13,10 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-## make demo: Envoy + echo upstream + host on free ports, uploads through every body mode, prints what happened.
+## make demo: 10 concurrent 70 MiB uploads through Envoy + host (FULL_DUPLEX_STREAMED, STREAMED) and Envoy alone;
+## table, RSS chart and samples in demo-results/. Options: make demo ARGS="-n 4 --file video.mp4".
 demo: venv
-	$(VENV)/bin/extproc-host demo
+	$(VENV)/bin/extproc-host demo $(ARGS)
 
 ## make test: unit tests, then end-to-end tests against a real Envoy.
 test: venv
@@ -60,6 +61,7 @@ envoy-configs: venv
 	$(ENVOY_CONFIG) --config config/streamed.toml -o envoy/streamed.yaml
 	$(ENVOY_CONFIG) --config config/zstd.toml -o envoy/zstd.yaml
 	$(ENVOY_CONFIG) --config config/full_duplex.toml --no-ext-proc -o envoy/direct.yaml
+	$(ENVOY_CONFIG) --config config/full_duplex.toml --host-address host:9001 --upstream echo:8080 -o envoy/compose.yaml
 
 clean:
 	rm -rf $(VENV) build *.egg-info

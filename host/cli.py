@@ -39,8 +39,19 @@ def _parser() -> argparse.ArgumentParser:
 
     echo = sub.add_parser("echo", help="run the echo upstream (streams every request body back)")
     echo.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT (default 127.0.0.1:8080)")
-    demo = sub.add_parser("demo", help="start Envoy + echo + host on free ports and upload through every body mode")
-    demo.add_argument("--size-mib", type=int, default=16, help="size of the uploaded body (default 16)")
+    echo.add_argument("--http2", action="store_true", help="serve HTTP/2 with prior knowledge (h2c) and HTTP/1.1, with hypercorn")
+    demo = sub.add_parser(
+        "demo",
+        help="N concurrent uploads through Envoy + host (FULL_DUPLEX_STREAMED, STREAMED) and Envoy alone; "
+        "table, RSS chart and samples",
+    )
+    demo.add_argument("-n", "--concurrency", type=int, default=10, help="concurrent uploads per mode (default 10)")
+    demo.add_argument("--size-mib", type=int, default=70, help="size of the generated file in MiB (default 70)")
+    demo.add_argument("--file", help="upload this file instead of a generated one (e.g. a video)")
+    demo.add_argument("--results", help="directory for rss.png and samples.json (default demo-results/<UTC time>)")
+    demo.add_argument("--modes", default="full-duplex,streamed,direct", help="comma-separated, from full-duplex, streamed, direct (default all three)")
+    demo.add_argument("--keep-running", action="store_true", help="afterwards leave a stack up and print curl commands to try it")
+    demo.add_argument("--keep-copies", action="store_true", help="keep file_tee's copies of the full-duplex bodies in the results directory (default: deleted once checked)")
     add_envoy_config_parser(sub)
     return parser
 
@@ -138,14 +149,40 @@ def _echo(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(f"--listen: {exc}") from None
     _configure_logging("warning")
-    serve(args.listen)
+    serve(args.listen, http2=args.http2)
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run
+    from pathlib import Path
 
-    return run(size_mib=args.size_mib)
+    from .demo import DemoOptions, parse_modes, run
+
+    try:
+        import matplotlib  # noqa: F401  (checked now, not after the uploads)
+    except ImportError:
+        print("extproc-host demo: matplotlib is missing: pip install 'extproc-host[demo]'", file=sys.stderr)
+        return 2
+    if args.concurrency < 1:
+        raise ConfigError(f"--concurrency: must be at least 1, got {args.concurrency}")
+    if args.size_mib < 1:
+        raise ConfigError(f"--size-mib: must be at least 1, got {args.size_mib}")
+    if args.file is not None and not Path(args.file).is_file():
+        raise ConfigError(f"--file: {args.file} is not a readable file")
+    try:
+        modes = parse_modes(args.modes)
+    except ValueError as exc:
+        raise ConfigError(f"--modes: {exc}") from None
+    options = DemoOptions(
+        concurrency=args.concurrency,
+        size_mib=args.size_mib,
+        file=Path(args.file) if args.file else None,
+        results=Path(args.results) if args.results else None,
+        modes=modes,
+        keep_running=args.keep_running,
+        keep_copies=args.keep_copies,
+    )
+    return run(options)
 
 
 def _configure_logging(level: str, fmt: str = "text") -> None:

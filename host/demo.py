@@ -1,50 +1,134 @@
-"""``extproc-host demo``: a live run of Envoy + echo upstream + host, one upload per body mode.
+"""``extproc-host demo``: the Go proof of concept's experiment as one command.
 
-Starts the stack from envoy/full_duplex.yaml and config/full_duplex.toml on free ports, sends
-the same generated body through every route (full-duplex, streamed, buffered, headers-only)
-and straight to the echo, checks each echoed body by sha256, checks the copies file_tee made of
-the full-duplex route's bodies, and prints what happened.
+N concurrent uploads (default 10) of one file (default a generated 70 MiB file) go through a
+real Envoy to the echo upstream and back, first through the host in FULL_DUPLEX_STREAMED, then
+in STREAMED, then through Envoy alone (no ext_proc) as the reference. Each mode gets a fresh
+stack (:class:`~extproc_host.stack.Stack`: Envoy, echo, host on free ports), so its memory
+figures are its own. While the uploads run, Envoy's and the host's RSS are sampled every 0.1 s.
+Every echoed body is hashed as it streams back and compared with the file's sha256; the copies
+file_tee makes on the full-duplex route (config/full_duplex.toml) go to a temporary directory
+and are checked too. :mod:`extproc_host.demo_report` prints the table and writes the chart and
+the raw samples.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import os
 import random
+import signal
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 from rich.console import Console
-from rich.table import Table
+from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, Task, TextColumn
+from rich.text import Text
 
-from .stack import Stack
+from .stack import RssSample, Stack, StackError
 
-CHUNK = 1024 * 1024
-ROUTES = (
-    ("FULL_DUPLEX_STREAMED", "/full-duplex-streamed"),
-    ("STREAMED", "/streamed"),
-    ("BUFFERED", "/buffered"),
-    ("headers only", "/headers-only"),
-)
+MiB = 1024 * 1024
+CHUNK = MiB
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One run of the experiment: which Envoy config, which host settings, which path."""
+
+    key: str
+    label: str
+    envoy_config: str
+    host_config: str | None
+    path: str
+
+    @property
+    def tees(self) -> bool:
+        """Whether config/full_duplex.toml's file_tee copies this mode's bodies."""
+        return self.key == "full-duplex"
+
+
+MODES: dict[str, Mode] = {
+    m.key: m
+    for m in (
+        Mode("full-duplex", "FULL_DUPLEX_STREAMED", "envoy/full_duplex.yaml", "config/full_duplex.toml", "/full-duplex-streamed"),
+        Mode("streamed", "STREAMED", "envoy/full_duplex.yaml", "config/full_duplex.toml", "/streamed"),
+        Mode("direct", "Envoy alone (no ext_proc)", "envoy/direct.yaml", None, "/"),
+    )
+}
+
+
+@dataclass
+class DemoOptions:
+    """What ``extproc-host demo`` was asked to do (see cli.py for the flags)."""
+
+    concurrency: int = 10
+    size_mib: int = 70
+    file: Path | None = None
+    results: Path | None = None
+    modes: Sequence[str] = tuple(MODES)
+    keep_running: bool = False
+    keep_copies: bool = False
 
 
 @dataclass
 class Upload:
-    """One upload's outcome."""
+    """One upload's outcome: HTTP status, bytes echoed back, and whether their sha256 matched."""
 
-    mode: str
-    status: int
-    seconds: float
-    sent: int
-    received: int
-    verified: bool
+    status: int = 0
+    received: int = 0
+    verified: bool = False
+    error: str | None = None
 
 
-def write_body(path: Path, size: int, seed: int = 7) -> str:
-    """Deterministic pseudo-random bytes into ``path``; returns their sha256."""
+@dataclass
+class ModeResult:
+    """One mode's figures: wall time of the N uploads, peaks, samples, verification counts."""
+
+    mode: Mode
+    concurrency: int
+    body_bytes: int
+    wall_seconds: float
+    uploads: list[Upload]
+    samples: list[RssSample]
+    envoy_peak: int
+    host_peak: int
+    copies: int = 0
+    copies_verified: int = 0
+    copies_expected: int = 0
+
+    @property
+    def verified(self) -> int:
+        """Uploads answered 200 whose echo matched the file's sha256."""
+        return sum(1 for u in self.uploads if u.verified and u.status == 200)
+
+    @property
+    def mib_per_second(self) -> float:
+        """Aggregate rate: all uploaded bytes over the wall time."""
+        return self.concurrency * self.body_bytes / MiB / self.wall_seconds if self.wall_seconds else 0.0
+
+    @property
+    def ok(self) -> bool:
+        """Every body and every file_tee copy came back exact."""
+        return self.verified == self.concurrency and self.copies_verified == self.copies_expected
+
+
+@dataclass
+class Body:
+    """The uploaded file, its size and sha256."""
+
+    path: Path
+    size: int
+    sha256: str
+    generated: bool = field(default=False)
+
+
+def generate_body(path: Path, size: int, seed: int = 7) -> Body:
+    """Write ``size`` pseudo-random bytes (fixed seed) to ``path``; return it with its sha256."""
     rng = random.Random(seed)
     digest = hashlib.sha256()
     with path.open("wb") as fh:
@@ -54,10 +138,11 @@ def write_body(path: Path, size: int, seed: int = 7) -> str:
             fh.write(block)
             digest.update(block)
             left -= len(block)
-    return digest.hexdigest()
+    return Body(path, size, digest.hexdigest(), generated=True)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read 1 MiB at a time."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         while block := fh.read(CHUNK):
@@ -65,80 +150,222 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-async def read_blocks(path: Path):
-    """The file in 1 MiB blocks (aiohttp then sends and reads the echo at the same time)."""
+def describe_file(path: Path) -> Body:
+    """The user's own file (``--file``) with its size and sha256."""
+    return Body(path, path.stat().st_size, sha256_file(path))
+
+
+async def _file_blocks(path: Path) -> AsyncIterator[bytes]:
+    # An async generator rather than aiohttp's file payload, which stalls when the response
+    # streams back during the upload, as the echo's does (aio-libs/aiohttp#10169).
     with path.open("rb") as fh:
         while block := fh.read(CHUNK):
             yield block
 
 
-async def upload(session: aiohttp.ClientSession, url: str, path: Path, expected: str, mode: str) -> Upload:
-    """POST ``path`` to ``url`` (content-length), hash the echoed body as it streams back."""
-    digest = hashlib.sha256()
-    received = 0
-    start = time.perf_counter()
-    size = path.stat().st_size
-    headers = {"content-type": "application/octet-stream", "content-length": str(size)}
-    async with session.post(url, data=read_blocks(path), headers=headers) as resp:
-        async for block in resp.content.iter_chunked(CHUNK):
-            digest.update(block)
-            received += len(block)
-        status = resp.status
-    seconds = time.perf_counter() - start
-    return Upload(mode, status, seconds, path.stat().st_size, received, digest.hexdigest() == expected)
+async def upload(session: aiohttp.ClientSession, url: str, body: Body, on_bytes: Callable[[int], None]) -> Upload:
+    """POST the file to ``url`` with its content-length, hashing the echo as it arrives
+    (never holding it); ``on_bytes(n)`` is called for every piece received."""
+    digest, result = hashlib.sha256(), Upload()
+    headers = {"content-type": "application/octet-stream", "content-length": str(body.size)}
+    try:
+        async with session.post(url, data=_file_blocks(body.path), headers=headers) as resp:
+            result.status = resp.status
+            async for block in resp.content.iter_chunked(CHUNK):
+                digest.update(block)
+                result.received += len(block)
+                on_bytes(len(block))
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+        return result
+    result.verified = result.received == body.size and digest.hexdigest() == body.sha256
+    return result
 
 
-async def _run(stack: Stack, body: Path, expected: str) -> list[Upload]:
-    results = []
-    timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        for mode, path in ROUTES:
-            results.append(await upload(session, stack.url + path, body, expected, mode))
-        results.append(await upload(session, stack.echo_url + "/", body, expected, "echo alone (no Envoy)"))
-    return results
+async def _uploads(url: str, body: Body, concurrency: int, progress: Progress, label: str) -> list[Upload]:
+    total = progress.add_task(f"{label}: {concurrency} x {body.size / MiB:.1f} MiB", total=concurrency * body.size)
+    bars = [progress.add_task(f"  upload {i + 1}", total=body.size) for i in range(concurrency)]
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=120)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False) as session:
+
+        def advance(bar: int) -> Callable[[int], None]:
+            def on_bytes(n: int) -> None:
+                progress.advance(bar, n)
+                progress.advance(total, n)
+
+            return on_bytes
+
+        results = await asyncio.gather(*(upload(session, url, body, advance(bar)) for bar in bars))
+    for bar in bars:
+        progress.remove_task(bar)
+    return list(results)
 
 
-def run(size_mib: int = 16, console: Console | None = None) -> int:
-    """Run the demo; returns a process exit status (0 when every body came back exact)."""
-    console = console or Console()
-    with tempfile.TemporaryDirectory(prefix="extproc-demo-") as tmp:
-        body = Path(tmp) / "body.bin"
-        expected = write_body(body, size_mib * CHUNK)
-        console.print(f"[bold]extproc-host demo[/]: a {size_mib} MiB body (sha256 {expected[:16]}...)")
-        tee = Path(tmp) / "tee"
-        with console.status("starting echo upstream, extproc-host and Envoy..."):
-            # config/full_duplex.toml tees the full-duplex route's bodies: into our temp dir here.
-            stack = Stack(
-                "envoy/full_duplex.yaml",
-                "config/full_duplex.toml",
-                host_env={"EXTPROC_PLUGINS__FILE_TEE__DIRECTORY": str(tee)},
-            )
-        with stack:
-            console.print(f"Envoy on {stack.url}, host pid {stack.pids['host']}, echo on {stack.echo_url}")
-            with console.status("uploading through every body mode..."):
-                results = asyncio.run(_run(stack, body, expected))
-            envoy_rss, host_rss = stack.envoy_rss(), stack.host_rss()
-        teed = sorted(tee.glob("*")) if tee.is_dir() else []
-        tee_ok = [f for f in teed if not f.name.startswith(".") and _sha256(f) == expected]
-    table = Table(title="one upload per route: client -> Envoy -> extproc-host -> echo -> back")
-    for column in ("body mode", "HTTP", "seconds", "MiB/s", "sent", "echoed", "sha256"):
-        table.add_column(column)
-    for r in results:
-        table.add_row(
-            r.mode,
-            str(r.status),
-            f"{r.seconds:.2f}",
-            f"{r.sent / CHUNK / r.seconds:.0f}",
-            f"{r.sent:,}",
-            f"{r.received:,}",
-            "[green]match[/]" if r.verified else "[red]MISMATCH[/]",
+class MiBPerSecondColumn(ProgressColumn):
+    """A progress bar's speed in MiB/s, the table's unit (rich's own column shows MB/s)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("?" if speed is None else f"{speed / MiB:.1f} MiB/s", style="progress.data.speed")
+
+
+@contextlib.contextmanager
+def _blocked_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM held back (not lost) while the stack stops, so a second Ctrl-C
+    cannot cut the stop short and leave a process behind."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
+def running_stack(mode: Mode, tee_dir: Path | None) -> Iterator[Stack]:
+    """A fresh stack for ``mode``, stopped on the way out whatever happens (Ctrl-C included)."""
+    env = {"EXTPROC_PLUGINS__FILE_TEE__DIRECTORY": str(tee_dir)} if tee_dir is not None else {}
+    stack = Stack(mode.envoy_config, mode.host_config, host_env=env, start=False)
+    try:
+        stack.start()
+        yield stack
+    finally:
+        with _blocked_signals():
+            stack.stop()
+
+
+def check_copies(tee_dir: Path, body: Body) -> tuple[int, int]:
+    """(copies found, copies identical to the body) among file_tee's files in ``tee_dir``."""
+    copies = [p for p in tee_dir.iterdir() if p.is_file() and not p.name.startswith(".")] if tee_dir.is_dir() else []
+    return len(copies), sum(1 for p in copies if p.stat().st_size == body.size and sha256_file(p) == body.sha256)
+
+
+def run_mode(mode: Mode, body: Body, concurrency: int, copies: Path, console: Console, keep_copies: bool) -> ModeResult:
+    """Start a stack for ``mode``, run the N uploads while sampling RSS, check bodies and the
+    copies file_tee writes under ``copies`` (deleted once checked unless ``keep_copies``)."""
+    tee_dir = copies / f"tee-{mode.key}" if mode.tees else None
+    if tee_dir is not None:
+        tee_dir.mkdir(parents=True, exist_ok=True)
+    what = "Envoy and echo" if mode.host_config is None else "Envoy, echo and extproc-host"
+    console.print(f"[bold]{mode.label}[/]: starting {what} on free ports...")
+    with running_stack(mode, tee_dir) as stack:
+        pids = ", ".join(f"{name} {pid}" for name, pid in stack.pids.items())
+        console.print(f"  Envoy on {stack.url}{mode.path} (pids: {pids})")
+        progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+            MiBPerSecondColumn(), console=console, transient=not console.is_terminal,
         )
-    console.print(table)
-    console.print(f"RSS after the run: Envoy {envoy_rss / CHUNK:.0f} MiB, host {host_rss / CHUNK:.0f} MiB")
-    console.print(
-        f"file_tee copied the full-duplex route's bodies to {len(teed)} files, "
-        f"{len(tee_ok)} identical to the uploaded body: {', '.join(f.name for f in teed) or '(none)'}"
-    )
-    ok = all(r.verified and r.status == 200 for r in results) and len(teed) == 2 and len(tee_ok) == 2
-    console.print("[green]every body came back byte for byte[/]" if ok else "[red]some bodies did not come back intact[/]")
-    return 0 if ok else 1
+        with progress, stack.sampler(0.1) as rss:
+            start = time.perf_counter()
+            uploads = asyncio.run(_uploads(stack.url + mode.path, body, concurrency, progress, mode.label))
+            wall = time.perf_counter() - start
+    result = ModeResult(mode, concurrency, body.size, wall, uploads, list(rss.samples), rss.peak_envoy, rss.peak_host)
+    for failed in (u for u in uploads if u.error):
+        console.print(f"[red]{mode.label}: an upload failed: {failed.error}[/]")
+    if tee_dir is not None:
+        result.copies_expected = 2 * concurrency  # request and response body of each upload
+        result.copies, result.copies_verified = check_copies(tee_dir, body)
+        if keep_copies:
+            console.print(f"file_tee's copies kept in {tee_dir}")
+        else:
+            for path in tee_dir.iterdir():
+                path.unlink(missing_ok=True)
+    return result
+
+
+def default_results_dir() -> Path:
+    """``demo-results/<UTC timestamp>`` under the working directory."""
+    return Path("demo-results") / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+
+def keep_running(body: Body, tee_dir: Path, console: Console) -> None:
+    """Leave a full-duplex stack up and print curl commands to try it by hand, until Ctrl-C."""
+    mode = MODES["full-duplex"]
+    with running_stack(mode, tee_dir) as stack:
+        console.print(f"\n[bold]The stack is running[/] (Envoy {stack.url}, admin {stack.admin_url}, "
+                      f"pids {stack.pids}); file_tee copies go to {tee_dir}. Try:\n")
+        console.print(f"  sha256sum {body.path}", soft_wrap=True, highlight=False)
+        for route in ("full-duplex-streamed", "streamed"):
+            console.print(
+                f"  for i in $(seq 10); do curl -s --data-binary @{body.path} {stack.url}/{route} | sha256sum & done; wait",
+                soft_wrap=True, highlight=False,
+            )
+        console.print(f"  curl -s '{stack.admin_url}/stats?filter=ext_proc'", soft_wrap=True, highlight=False)
+        console.print("\nCtrl-C stops Envoy, the host and the echo upstream.")
+        while True:
+            signal.pause()
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run(options: DemoOptions, console: Console | None = None) -> int:
+    """Run the demo; returns 0 when every body (and every file_tee copy) came back exact."""
+    from .demo_report import PLAIN_WIDTH, print_table, write_results
+
+    if console is None:
+        console = Console()
+        if not console.is_terminal and "COLUMNS" not in os.environ:
+            console = Console(width=PLAIN_WIDTH)
+    # Ctrl-C and SIGTERM stop the stacks. SIGINT explicitly: a shell starting the demo in the
+    # background (`make demo &`) hands it SIGINT ignored.
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_interrupt),
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+    }
+    try:
+        with tempfile.TemporaryDirectory(prefix="extproc-demo-") as tmp:
+            work = Path(tmp)
+            if options.file is not None:
+                body = describe_file(options.file)
+            else:
+                with console.status(f"writing a {options.size_mib} MiB file..."):
+                    body = generate_body(work / f"body-{options.size_mib}MiB.bin", options.size_mib * MiB)
+            console.print(
+                f"[bold]extproc-host demo[/]: {options.concurrency} concurrent uploads of {body.path.name} "
+                f"({body.size / MiB:.1f} MiB, sha256 {body.sha256[:16]}...), each echoed back and checked",
+                soft_wrap=True,
+            )
+            if "full-duplex" in options.modes:
+                console.print(
+                    "The FULL_DUPLEX_STREAMED route runs file_tee (config/full_duplex.toml): both bodies of "
+                    "every upload are copied to files, which are checked too, then deleted.",
+                    soft_wrap=True,
+                )
+            out = options.results or default_results_dir()
+            copies = out if options.keep_copies else work
+            try:
+                results = [
+                    run_mode(MODES[key], body, options.concurrency, copies, console, options.keep_copies)
+                    for key in options.modes
+                ]
+            except StackError as exc:
+                console.print(f"[red]the stack did not start:[/] {exc}", highlight=False)
+                return 1
+            print_table(results, console)
+            written = write_results(results, body, out)
+            console.print(f"chart {written['chart']}, raw samples {written['samples']}", soft_wrap=True, highlight=False)
+            ok = all(r.ok for r in results)
+            console.print("[green]every body came back byte for byte[/]" if ok else "[red]some bodies did not come back intact[/]")
+            if options.keep_running:
+                tee_dir = work / "tee-keep-running"
+                tee_dir.mkdir()
+                keep_running(body, tee_dir, console)
+            return 0 if ok else 1
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def parse_modes(text: str) -> list[str]:
+    """``--modes full-duplex,streamed,direct`` as a list; ValueError naming an unknown mode."""
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in MODES]
+    if unknown or not keys:
+        raise ValueError(f"unknown mode(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(MODES)}")
+    return keys
+
+
+__all__ = ["DemoOptions", "MODES", "ModeResult", "run", "parse_modes", "generate_body", "sha256_file"]

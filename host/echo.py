@@ -135,11 +135,17 @@ async def _serve(listen: str) -> None:
         await runner.cleanup()
 
 
-def serve(listen: str) -> None:
+def serve(listen: str, http2: bool = False) -> None:
     """Run the echo upstream on ``listen`` (HOST:PORT, port 0 picks one) until SIGTERM/SIGINT.
 
-    Prints ``echo listening on http://HOST:PORT`` to stdout once bound.
+    Prints ``echo listening on http://HOST:PORT`` to stdout once bound. ``http2``: serve h2c
+    (prior knowledge) as well as HTTP/1.1, with hypercorn (:mod:`extproc_host.echo_h2`).
     """
+    if http2:
+        from .echo_h2 import serve as serve_h2
+
+        serve_h2(listen)
+        return
     asyncio.run(_serve(listen))
 
 

