@@ -127,8 +127,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
 
 
 def server_options(settings: Settings, reuse_port: bool = False) -> list[tuple[str, int]]:
+    """grpc.aio server options from ``[server]``: message limits, port sharing, stream window."""
     limit = settings.server.max_message_bytes
-    return [
+    window = settings.server.stream_window_bytes
+    # A fixed per-stream receive window bounds what gRPC reads ahead of a slow chain; BDP
+    # probing would grow it (and the host's memory) with the link's bandwidth-delay product.
+    flow = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", window)] if window else []
+    return flow + [
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
         # One process: fail loudly when the port is taken instead of silently sharing it.

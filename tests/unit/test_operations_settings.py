@@ -27,6 +27,7 @@ ROUTES = "[routes.default]\nchain=['passthrough']\n"
         ("max_message_bytes = 1000", ["key 'server.max_message_bytes'", "greater than or equal to 4194304"]),
         ("metrics_listen = 'nowhere'", ["key 'server.metrics_listen'", "HOST:PORT"]),
         ("log_format = 'xml'", ["key 'server.log_format'", "'text' or 'json'"]),
+        ("stream_window_bytes = 1000", ["key 'server.stream_window_bytes'", "at least 65535"]),
     ],
 )
 def test_bad_operations_settings_are_named(tmp_path, capsys, server, expected):
@@ -78,3 +79,17 @@ def test_log_lines_about_a_stream_carry_its_id(fmt):
     else:
         assert inside.endswith("WARNING some.plugin: inside [stream=42 route=upload]")
         assert outside.endswith("INFO extproc_host.server: outside")
+
+
+@pytest.mark.parametrize(("window", "expected"), [(None, 4 * 1024 * 1024), (65535, 65535), (0, None)])
+def test_stream_window_sets_grpc_flow_control(window, expected):
+    from extproc_host.server import server_options
+    from extproc_host.settings import Settings
+
+    server = {} if window is None else {"stream_window_bytes": window}
+    options = dict(server_options(Settings(server=server)))
+    if expected is None:  # gRPC's automatic window: BDP probing left on
+        assert "grpc.http2.bdp_probe" not in options and "grpc.http2.lookahead_bytes" not in options
+    else:
+        assert options["grpc.http2.bdp_probe"] == 0
+        assert options["grpc.http2.lookahead_bytes"] == expected
