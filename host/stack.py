@@ -85,6 +85,20 @@ def envoy_binary() -> str:
     return found
 
 
+def validate_envoy_config(path: str | os.PathLike[str], timeout: float = 120.0) -> str:
+    """Run ``envoy --mode validate`` on a bootstrap file; its output, or StackError with it."""
+    result = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path), "-l", "error"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    output = result.stdout + result.stderr
+    if result.returncode != 0:
+        raise StackError(f"envoy --mode validate -c {path} failed (exit {result.returncode}):\n{output}")
+    return output
+
+
 def _tail(path: Path, lines: int = 40) -> str:
     try:
         text = path.read_text(errors="replace")

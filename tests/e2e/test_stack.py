@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import yaml
 from e2e_clients import MiB, ROUTE_PATHS, h1_request
 
 from extproc_host.echo import pattern
-from extproc_host.stack import PROJECT_ROOT, Stack, StackError, envoy_binary, rewrite_envoy_config
+from extproc_host.stack import PROJECT_ROOT, Stack, StackError, rewrite_envoy_config, validate_envoy_config
 
 pytestmark = pytest.mark.e2e
 
@@ -37,13 +36,7 @@ def _gone(pids) -> bool:
 
 @pytest.mark.parametrize("config", ENVOY_CONFIGS, ids=lambda p: p.name)
 def test_envoy_config_validates(config: Path) -> None:
-    result = subprocess.run(
-        [envoy_binary(), "--mode", "validate", "-c", str(config), "-l", "error"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in validate_envoy_config(config)
 
 
 def test_expected_envoy_configs_exist() -> None:
