@@ -190,6 +190,8 @@ def describe_validation_error(source: str, error: ValidationError, prefix: tuple
             message = "unknown key"
         elif item["type"] == "missing":
             message = "required key is missing"
+        elif item["type"] == "value_error":
+            message = message.removeprefix("Value error, ")
         env_name = "EXTPROC_" + "__".join(str(p) for p in prefix + tuple(item["loc"]) if not isinstance(p, int)).upper()
         origin = f" (set by environment variable {env_name})" if env_name in os.environ else ""
         lines.append(f"{source}: key '{key}'{origin}: {message}")
