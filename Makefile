@@ -62,6 +62,8 @@ envoy-configs: venv
 	$(ENVOY_CONFIG) --config config/zstd.toml -o envoy/zstd.yaml
 	$(ENVOY_CONFIG) --config config/full_duplex.toml --no-ext-proc -o envoy/direct.yaml
 	$(ENVOY_CONFIG) --config config/full_duplex.toml --host-address host:9001 --upstream echo:8080 -o envoy/compose.yaml
+	$(ENVOY_CONFIG) --config deploy/host.toml --listen 0.0.0.0:10000 --admin-address 0.0.0.0 \
+		--host-address extproc-host:9001 --upstream echo:8080 -o deploy/envoy.yaml
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -81,6 +81,7 @@ class EnvoyOptions:
 
     listen: str = "0.0.0.0:18080"
     admin_port: int = 9901
+    admin_address: str = "127.0.0.1"
     #: Where Envoy reaches the host: HOST:PORT or unix:PATH; None: the settings' [server] listen.
     host_address: str | None = None
     upstream: str = "127.0.0.1:8080"
@@ -224,7 +225,7 @@ def build_bootstrap(settings: Settings, routes: dict[str, registry.Route], optio
     if options.ext_proc:
         clusters.append(_cluster("extproc", options.host_address or settings.server.listen, http2=True))
     clusters.append(_cluster("upstream", options.upstream, http2=False))
-    admin = Admin(address=Address(socket_address=SocketAddress(address="127.0.0.1", port_value=options.admin_port)))
+    admin = Admin(address=Address(socket_address=SocketAddress(address=options.admin_address, port_value=options.admin_port)))
     return Bootstrap(admin=admin, static_resources=BootstrapStaticResources(listeners=[listener], clusters=clusters))
 
 

@@ -6,6 +6,7 @@ envoy-data-plane (slow to import) is imported only when the command runs.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import sys
 
 from .settings import ConfigError, parse_listen
@@ -18,7 +19,10 @@ def add_envoy_config_parser(sub: argparse._SubParsersAction) -> None:
     where = envoy.add_mutually_exclusive_group()
     where.add_argument("--listen", metavar="HOST:PORT", help="HOST:PORT of Envoy's listener (default 0.0.0.0:18080)")
     where.add_argument("--port", type=int, metavar="N", help="port of Envoy's listener on 0.0.0.0")
-    envoy.add_argument("--admin-port", type=int, metavar="N", default=9901, help="Envoy admin port on 127.0.0.1 (default 9901)")
+    envoy.add_argument("--admin-port", type=int, metavar="N", default=9901, help="Envoy admin port (default 9901)")
+    envoy.add_argument(
+        "--admin-address", metavar="HOST", default="127.0.0.1", help="Envoy admin address (default 127.0.0.1; 0.0.0.0 for a kubelet probe)"
+    )
     envoy.add_argument("--host-address", metavar="ADDRESS", help="HOST:PORT or unix:PATH where Envoy reaches the host (default: [server] listen)")
     envoy.add_argument("--upstream", default="127.0.0.1:8080", metavar="HOST:PORT", help="HOST:PORT of the upstream (default 127.0.0.1:8080)")
     envoy.add_argument("--message-timeout", type=float, default=5.0, metavar="S", help="seconds the host has per message (default 5)")
@@ -35,6 +39,8 @@ def _envoy_config_command(args: argparse.Namespace) -> str:
         words += ["--port", str(args.port)]
     if args.admin_port != 9901:
         words += ["--admin-port", str(args.admin_port)]
+    if args.admin_address != "127.0.0.1":
+        words += ["--admin-address", args.admin_address]
     if args.host_address:
         words += ["--host-address", args.host_address]
     if args.upstream != "127.0.0.1:8080":
@@ -52,6 +58,10 @@ def _envoy_options(args: argparse.Namespace):
 
     listen = args.listen or f"0.0.0.0:{18080 if args.port is None else args.port}"
     checks = {"--listen/--port": listen, "--upstream": args.upstream}
+    try:
+        ipaddress.ip_address(args.admin_address)
+    except ValueError:
+        raise ConfigError(f"--admin-address: expected an IP address, got {args.admin_address!r}") from None
     if args.host_address and not args.host_address.startswith("unix:"):
         checks["--host-address"] = args.host_address
     for option, value in checks.items():
@@ -68,6 +78,7 @@ def _envoy_options(args: argparse.Namespace):
     return EnvoyOptions(
         listen=listen,
         admin_port=args.admin_port,
+        admin_address=args.admin_address,
         host_address=args.host_address,
         upstream=args.upstream,
         message_timeout=args.message_timeout,

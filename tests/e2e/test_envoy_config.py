@@ -19,7 +19,7 @@ pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS_FILES = sorted((ROOT / "config").glob("*.toml"))
-ENVOY_FILES = sorted((ROOT / "envoy").glob("*.yaml"))
+ENVOY_FILES = sorted((ROOT / "envoy").glob("*.yaml")) + [ROOT / "deploy" / "envoy.yaml"]
 REGENERATE = "#   extproc-host envoy-config "
 
 
@@ -61,7 +61,7 @@ def regenerate_command(path: Path) -> list[str]:
     raise AssertionError(f"{path.name} has no '{REGENERATE.strip()} ...' header: it is not generated")
 
 
-@pytest.mark.parametrize("envoy_file", ENVOY_FILES, ids=[p.name for p in ENVOY_FILES])
+@pytest.mark.parametrize("envoy_file", ENVOY_FILES, ids=[str(p.relative_to(ROOT)) for p in ENVOY_FILES])
 def test_envoy_files_are_the_commands_current_output(
     envoy_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

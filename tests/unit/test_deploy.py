@@ -1,6 +1,7 @@
 """The Kubernetes manifests under deploy/: they parse, kustomization.yaml lists them all, the
-configs they carry pass Envoy's and the host's own checks, and names and ports line up
-between Services, containers, probes and Envoy's clusters. (No cluster is needed.)"""
+configs its configMapGenerator carries (host.toml, and envoy.yaml generated from it) pass
+Envoy's and the host's own checks, and names and ports line up between Services, containers,
+probes and Envoy's clusters. (No cluster is needed.)"""
 
 from __future__ import annotations
 
@@ -19,13 +20,29 @@ from extproc_host.stack import extproc_host_command, validate_envoy_config
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 
+def _kustomization() -> dict[str, Any]:
+    return yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+
+
+def _generated_files() -> set[str]:
+    """Files the configMapGenerator turns into ConfigMaps (not manifests themselves)."""
+    return {name for generator in _kustomization()["configMapGenerator"] for name in generator["files"]}
+
+
+def _manifests() -> list[Path]:
+    skip = {"kustomization.yaml"} | _generated_files()
+    return [p for p in sorted(DEPLOY.glob("*.yaml")) if p.name not in skip]
+
+
 def _documents() -> dict[tuple[str, str], dict[str, Any]]:
+    """Every manifest by (kind, name), with the ConfigMaps kustomize generates."""
     found = {}
-    for path in sorted(DEPLOY.glob("*.yaml")):
-        if path.name == "kustomization.yaml":
-            continue
+    for path in _manifests():
         for doc in yaml.safe_load_all(path.read_text()):
             found[(doc["kind"], doc["metadata"]["name"])] = doc
+    for generator in _kustomization()["configMapGenerator"]:
+        data = {name: (DEPLOY / name).read_text() for name in generator["files"]}
+        found[("ConfigMap", generator["name"])] = {"kind": "ConfigMap", "metadata": {"name": generator["name"]}, "data": data}
     return found
 
 
@@ -56,8 +73,8 @@ def _cluster_address(docs, cluster: str) -> tuple[str, int]:
 
 
 def test_every_manifest_parses_and_is_named() -> None:
-    files = sorted(DEPLOY.glob("*.yaml"))
-    assert len(files) >= 9
+    files = _manifests()
+    assert len(files) >= 6
     for path in files:
         for doc in yaml.safe_load_all(path.read_text()):
             assert doc.get("apiVersion") and doc.get("kind"), path
@@ -66,12 +83,12 @@ def test_every_manifest_parses_and_is_named() -> None:
 
 
 def test_kustomization_lists_every_manifest_and_only_existing_files() -> None:
-    kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
-    listed = kustomization["resources"]
+    listed = _kustomization()["resources"]
     assert all((DEPLOY / name).is_file() for name in listed), listed
-    present = {p.name for p in DEPLOY.glob("*.yaml")} - {"kustomization.yaml"}
-    assert set(listed) == present
+    assert set(listed) == {p.name for p in _manifests()}
     assert len(listed) == len(set(listed))
+    assert _generated_files() == {"host.toml", "envoy.yaml"}
+    assert all((DEPLOY / name).is_file() for name in _generated_files())
 
 
 def test_envoy_config_passes_envoy_validate(docs, tmp_path: Path) -> None:
@@ -104,6 +121,11 @@ def test_host_replicas_service_and_envoy_cluster_line_up(docs) -> None:
     assert service_port["port"] == container_port == listen.port == cluster_port
     assert cluster_host == service["metadata"]["name"]
     assert listen.host == "0.0.0.0"
+
+    metrics = parse_address(tomllib.loads(toml_text)["server"]["metrics_listen"])
+    assert _container_port(container, "metrics") == metrics.port
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(metrics.port)
 
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == container_port

@@ -213,6 +213,9 @@ def test_clusters_and_options(tmp_path: Path) -> None:
     assert cluster(bootstrap, "upstream")["type"] == "STRICT_DNS"
     assert endpoint(bootstrap, "upstream")["socket_address"] == {"address": "echo.internal", "port_value": 8081}
     assert ext_proc_filter(bootstrap)["message_timeout"] == "2.500s"
+    assert cluster(bootstrap, "upstream")["dns_lookup_family"] == "V4_ONLY"  # container DNS names
+    exposed = render(tmp_path, '[routes.default]\nchain = ["response_only"]\n', "--admin-address", "0.0.0.0")
+    assert exposed["admin"]["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 9901}
 
 
 def test_host_cluster_defaults_to_the_settings_listen_address(tmp_path: Path) -> None:
@@ -290,6 +293,7 @@ def test_bad_settings_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     [
         (["--listen", "nowhere"], "--listen/--port"),
         (["--upstream", "a:b"], "--upstream"),
+        (["--admin-address", "envoy-admin"], "--admin-address"),
         (["--host-address", "unix:"], "--host-address"),
         (["--message-timeout", "0"], "--message-timeout"),
     ],
