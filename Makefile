@@ -61,9 +61,9 @@ envoy-configs: venv
 	$(ENVOY_CONFIG) --config config/streamed.toml -o envoy/streamed.yaml
 	$(ENVOY_CONFIG) --config config/zstd.toml -o envoy/zstd.yaml
 	$(ENVOY_CONFIG) --config config/full_duplex.toml --no-ext-proc -o envoy/direct.yaml
-	$(ENVOY_CONFIG) --config config/full_duplex.toml --host-address host:9001 --upstream echo:8080 -o envoy/compose.yaml
+	$(ENVOY_CONFIG) --config config/full_duplex.toml --host-address host:9001 --upstream echo:8080 --health-check 2 -o envoy/compose.yaml
 	$(ENVOY_CONFIG) --config deploy/host.toml --listen 0.0.0.0:10000 --admin-address 0.0.0.0 \
-		--host-address extproc-host:9001 --upstream echo:8080 -o deploy/envoy.yaml
+		--host-address extproc-host:9001 --upstream echo:8080 --health-check 2 -o deploy/envoy.yaml
 
 clean:
 	rm -rf $(VENV) build *.egg-info

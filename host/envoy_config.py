@@ -35,6 +35,8 @@ with warnings.catch_warnings():
         Address,
         GrpcService,
         GrpcServiceEnvoyGrpc,
+        HealthCheck,
+        HealthCheckGrpcHealthCheck,
         Http1ProtocolOptions,
         Http2ProtocolOptions,
         Pipe,
@@ -87,6 +89,8 @@ class EnvoyOptions:
     upstream: str = "127.0.0.1:8080"
     message_timeout: float = 5.0
     ext_proc: bool = True
+    #: Seconds between gRPC health checks of each host endpoint; None: no active health check.
+    health_check_interval: float | None = None
 
 
 def _seconds(value: float) -> datetime.timedelta:
@@ -166,6 +170,20 @@ def _per_route(modes: RouteModes, fail_open: bool, filter_modes: RouteModes, fil
     return ExtProcPerRoute(overrides=overrides) if changed else None
 
 
+def _health_check(interval: float) -> HealthCheck:
+    """Active gRPC health checks of every host endpoint (grpc.health.v1, service ""): a replica
+    that reports NOT_SERVING, as the host does from the moment its shutdown starts, gets no new
+    streams while its open ones finish."""
+    return HealthCheck(
+        timeout=_seconds(min(2.0, interval)),
+        interval=_seconds(interval),
+        no_traffic_interval=_seconds(interval),  # Envoy's default, 60 s, applies until traffic flows
+        unhealthy_threshold=2,  # one slow answer from a busy host is not a verdict
+        healthy_threshold=1,
+        grpc_health_check=HealthCheckGrpcHealthCheck(service_name=""),
+    )
+
+
 def build_bootstrap(settings: Settings, routes: dict[str, registry.Route], options: EnvoyOptions, source: str) -> Bootstrap:
     """The whole Envoy bootstrap; ConfigError on settings Envoy cannot be configured for."""
     ordered = ordered_routes(routes, source)
@@ -223,7 +241,10 @@ def build_bootstrap(settings: Settings, routes: dict[str, registry.Route], optio
     )
     clusters = []
     if options.ext_proc:
-        clusters.append(_cluster("extproc", options.host_address or settings.server.listen, http2=True))
+        extproc = _cluster("extproc", options.host_address or settings.server.listen, http2=True)
+        if options.health_check_interval is not None:
+            extproc.health_checks = [_health_check(options.health_check_interval)]
+        clusters.append(extproc)
     clusters.append(_cluster("upstream", options.upstream, http2=False))
     admin = Admin(address=Address(socket_address=SocketAddress(address=options.admin_address, port_value=options.admin_port)))
     return Bootstrap(admin=admin, static_resources=BootstrapStaticResources(listeners=[listener], clusters=clusters))

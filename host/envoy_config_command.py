@@ -26,6 +26,12 @@ def add_envoy_config_parser(sub: argparse._SubParsersAction) -> None:
     envoy.add_argument("--host-address", metavar="ADDRESS", help="HOST:PORT or unix:PATH where Envoy reaches the host (default: [server] listen)")
     envoy.add_argument("--upstream", default="127.0.0.1:8080", metavar="HOST:PORT", help="HOST:PORT of the upstream (default 127.0.0.1:8080)")
     envoy.add_argument("--message-timeout", type=float, default=5.0, metavar="S", help="seconds the host has per message (default 5)")
+    envoy.add_argument(
+        "--health-check",
+        type=float,
+        metavar="S",
+        help="gRPC health-check every host endpoint every S seconds, so replicas shutting down get no new streams",
+    )
     envoy.add_argument("--no-ext-proc", action="store_true", help="no ext_proc filter: Envoy straight to the upstream")
     envoy.add_argument("--output", "-o", metavar="FILE", help="write to this file instead of standard output")
 
@@ -47,6 +53,8 @@ def _envoy_config_command(args: argparse.Namespace) -> str:
         words += ["--upstream", args.upstream]
     if args.message_timeout != 5.0:
         words += ["--message-timeout", f"{args.message_timeout:g}"]
+    if args.health_check is not None:
+        words += ["--health-check", f"{args.health_check:g}"]
     if args.no_ext_proc:
         words.append("--no-ext-proc")
     return " ".join(words)
@@ -73,6 +81,8 @@ def _envoy_options(args: argparse.Namespace):
         raise ConfigError("--host-address: expected unix:PATH with a path")
     if not 0 <= args.admin_port <= 65535:
         raise ConfigError(f"--admin-port: expected a port number, got {args.admin_port}")
+    if args.health_check is not None and args.health_check <= 0:
+        raise ConfigError(f"--health-check: expected seconds above 0, got {args.health_check:g}")
     if args.message_timeout <= 0:
         raise ConfigError(f"--message-timeout: expected seconds above 0, got {args.message_timeout:g}")
     return EnvoyOptions(
@@ -83,6 +93,7 @@ def _envoy_options(args: argparse.Namespace):
         upstream=args.upstream,
         message_timeout=args.message_timeout,
         ext_proc=not args.no_ext_proc,
+        health_check_interval=args.health_check,
     )
 
 

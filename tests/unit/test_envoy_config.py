@@ -214,6 +214,10 @@ def test_clusters_and_options(tmp_path: Path) -> None:
     assert endpoint(bootstrap, "upstream")["socket_address"] == {"address": "echo.internal", "port_value": 8081}
     assert ext_proc_filter(bootstrap)["message_timeout"] == "2.500s"
     assert cluster(bootstrap, "upstream")["dns_lookup_family"] == "V4_ONLY"  # container DNS names
+    assert "health_checks" not in cluster(bootstrap, "extproc")
+    checked = render(tmp_path, '[routes.default]\nchain = ["response_only"]\n', "--health-check", "2")
+    (check,) = cluster(checked, "extproc")["health_checks"]
+    assert check["interval"] == check["no_traffic_interval"] == "2s" and "grpc_health_check" in check
     exposed = render(tmp_path, '[routes.default]\nchain = ["response_only"]\n', "--admin-address", "0.0.0.0")
     assert exposed["admin"]["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 9901}
 
@@ -294,6 +298,7 @@ def test_bad_settings_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
         (["--listen", "nowhere"], "--listen/--port"),
         (["--upstream", "a:b"], "--upstream"),
         (["--admin-address", "envoy-admin"], "--admin-address"),
+        (["--health-check", "0"], "--health-check"),
         (["--host-address", "unix:"], "--host-address"),
         (["--message-timeout", "0"], "--message-timeout"),
     ],
