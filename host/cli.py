@@ -11,7 +11,7 @@ from .listeners import parse_address
 from .envoy_config_command import add_envoy_config_parser, run_envoy_config
 from .settings import ConfigError, load_settings, parse_listen
 
-COMMANDS = ("serve", "plugins", "check", "echo", "demo", "envoy-config")
+COMMANDS = ("serve", "plugins", "check", "echo", "demo", "envoy-config", "health")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,6 +36,16 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", "-c", required=True, help="settings TOML file")
 
     sub.add_parser("plugins", help="list the installed plugins")
+
+    probe = sub.add_parser(
+        "health", help="ask a running host for its gRPC health (exit 0 when SERVING: for container health checks)"
+    )
+    probe.add_argument(
+        "address", nargs="?", default="127.0.0.1:9001", help="HOST:PORT or unix:PATH of the host (default 127.0.0.1:9001)"
+    )
+    probe.add_argument("--service", default="", help="service name to ask about (default: the whole server)")
+    probe.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer (default 5)")
+    probe.add_argument("--ca-file", help="TLS: verify the host's certificate against this CA")
 
     echo = sub.add_parser("echo", help="run the echo upstream (streams every request body back)")
     echo.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT (default 127.0.0.1:8080)")
@@ -116,6 +126,32 @@ def _supervise(args: argparse.Namespace, address, workers: int, metrics_listen: 
     except OSError as exc:
         print(f"extproc-host: {exc}", file=sys.stderr)
         return 1
+
+
+def _health(args: argparse.Namespace) -> int:
+    """Print the host's health status; 0 when SERVING, 1 otherwise or when unreachable."""
+    import grpc
+
+    from .health import check
+
+    try:
+        address = parse_address(args.address)
+    except ValueError as exc:
+        raise ConfigError(f"address: {exc}") from None
+    target = address.target()
+    if not address.is_unix and address.host in ("0.0.0.0", "::"):
+        target = f"127.0.0.1:{address.port}" if address.host == "0.0.0.0" else f"[::1]:{address.port}"
+    try:
+        status = check(target, args.service, args.timeout, args.ca_file)
+    except grpc.RpcError as exc:
+        why = f"no service named {args.service!r}" if exc.code() == grpc.StatusCode.NOT_FOUND else exc.details()
+        print(f"extproc-host health: {target}: {exc.code().name}: {why}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"extproc-host health: {exc}", file=sys.stderr)
+        return 1
+    print(status)
+    return 0 if status == "SERVING" else 1
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -203,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         "echo": _echo,
         "demo": _demo,
         "envoy-config": run_envoy_config,
+        "health": _health,
     }[args.command]
     try:
         return handler(args)

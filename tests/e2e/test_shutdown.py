@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -15,7 +16,7 @@ import pytest
 from e2e_clients import MiB, h1_request
 from ops_helpers import NOT_SERVING, SERVING, PausedUpload, health_status, sample, scrape, wait_until
 
-from extproc_host.stack import Stack
+from extproc_host.stack import Stack, extproc_host_command
 
 pytestmark = pytest.mark.e2e
 
@@ -76,6 +77,11 @@ async def test_sigterm_mid_upload_finishes_it_and_exits_0(tmp_path, payload):
             wait_until, lambda: health_status(stack.host_port) == NOT_SERVING, 10, "NOT_SERVING"
         )
         assert health_status(stack.host_port, "") == NOT_SERVING
+        # The container health check command says so too, with a failing exit status.
+        probe = subprocess.run(
+            [*extproc_host_command(), "health", f"127.0.0.1:{stack.host_port}"], capture_output=True, text=True, timeout=60
+        )
+        assert (probe.returncode, probe.stdout.strip()) == (1, "NOT_SERVING")
         assert not task.done()
 
         # A new exchange is refused by the host; Envoy's fail-closed policy answers 500.

@@ -1,0 +1,37 @@
+"""``extproc-host health``, the probe for container health checks: exit 0 and SERVING for a
+running host (by TCP address, by ``0.0.0.0`` as in a container's settings, and per service),
+exit 1 with the reason for an unknown service or a host that is not there."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+
+import pytest
+
+from extproc_host.stack import Stack, extproc_host_command
+
+pytestmark = pytest.mark.e2e
+
+
+def probe(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*extproc_host_command(), "health", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_health_command_reports_a_running_host(stack: Stack) -> None:
+    for address in (f"127.0.0.1:{stack.host_port}", f"0.0.0.0:{stack.host_port}"):
+        result = probe(address)
+        assert (result.returncode, result.stdout.strip()) == (0, "SERVING"), result.stderr
+    ext_proc = probe(f"127.0.0.1:{stack.host_port}", "--service", "envoy.service.ext_proc.v3.ExternalProcessor")
+    assert (ext_proc.returncode, ext_proc.stdout.strip()) == (0, "SERVING")
+    unknown = probe(f"127.0.0.1:{stack.host_port}", "--service", "nope")
+    assert unknown.returncode == 1 and "no service named 'nope'" in unknown.stderr
+
+
+def test_health_command_fails_for_a_host_that_is_not_there() -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = probe(f"127.0.0.1:{port}", "--timeout", "2")
+    assert result.returncode == 1 and "UNAVAILABLE" in result.stderr
+    assert probe("not-an-address").returncode == 2
