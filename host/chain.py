@@ -150,19 +150,14 @@ class Chain:
 
     async def _invoke(self, plugin: Plugin, hook: str, is_async: bool, *args: Any) -> Any:
         """Call one hook (timed when the chain has timers); its error becomes a PluginError."""
-        if self.timers is None:
-            try:
-                return await _call(getattr(plugin, hook), is_async, *args)
-            except Exception as exc:
-                raise PluginError(plugin.name, hook, exc) from exc
-        start = perf_counter()
+        timers = self.timers
+        start = perf_counter() if timers is not None else 0.0
         try:
-            result = getattr(plugin, hook)(*args)
-            if is_async:
-                result = await result
+            result = await _call(getattr(plugin, hook), is_async, *args)
         except Exception as exc:
             raise PluginError(plugin.name, hook, exc) from exc
-        self.timers[plugin.name, hook].observe(perf_counter() - start)
+        if timers is not None:
+            timers[plugin.name, hook].observe(perf_counter() - start)
         return result
 
     async def body(self, direction: str, chunk: bytes, end: bool) -> bytes | AsyncIterator[bytes]:

@@ -138,9 +138,7 @@ def _health(args: argparse.Namespace) -> int:
         address = parse_address(args.address)
     except ValueError as exc:
         raise ConfigError(f"address: {exc}") from None
-    target = address.target()
-    if not address.is_unix and address.host in ("0.0.0.0", "::"):
-        target = f"127.0.0.1:{address.port}" if address.host == "0.0.0.0" else f"[::1]:{address.port}"
+    target = address.reachable().target()
     try:
         status = check(target, args.service, args.timeout, args.ca_file)
     except grpc.RpcError as exc:

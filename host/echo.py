@@ -23,6 +23,7 @@ from collections.abc import Iterator
 
 from aiohttp import web
 
+from .listeners import ListenAddress
 from .settings import parse_listen
 
 #: aiohttp's read buffer per connection. It stops reading the socket at twice this much
@@ -114,6 +115,20 @@ def make_app() -> web.Application:
     return app
 
 
+def stop_on_signal() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT (the echo servers run until then)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def listening_line(label: str, host: str, port: int) -> str:
+    """``echo listening on http://HOST:PORT`` (the line Stack waits for)."""
+    return f"{label} listening on http://{ListenAddress(host, port).target()}"
+
+
 async def _serve(listen: str) -> None:
     host, port = parse_listen(listen)
     runner = web.AppRunner(make_app(), access_log=None, handle_signals=False)
@@ -123,14 +138,8 @@ async def _serve(listen: str) -> None:
     try:
         sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
         bound_host, bound_port = sockets[0].getsockname()[:2]
-        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-        print(f"echo listening on http://{shown}:{bound_port}", flush=True)
-
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        print(listening_line("echo", bound_host, bound_port), flush=True)
+        await stop_on_signal().wait()
     finally:
         await runner.cleanup()
 

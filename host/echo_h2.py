@@ -14,13 +14,12 @@ send yet.
 from __future__ import annotations
 
 import asyncio
-import signal
 import socket
 
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config
 
-from .echo import _BYTES_PATH, pattern
+from .echo import _BYTES_PATH, listening_line, pattern, stop_on_signal
 from .settings import parse_listen
 
 _ECHOED_HEADERS = (b"content-type", b"content-encoding")
@@ -90,12 +89,8 @@ async def _serve(listen: str) -> None:
     config.errorlog = None
     config.h2_max_concurrent_streams = 1000
     config.keep_alive_timeout = 300
-    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    print(f"echo (HTTP/1.1 and h2c) listening on http://{shown}:{bound_port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    print(listening_line("echo (HTTP/1.1 and h2c)", bound_host, bound_port), flush=True)
+    stop = stop_on_signal()
     await hypercorn_serve(echo_app, config, shutdown_trigger=stop.wait, mode="asgi")
 
 

@@ -67,7 +67,8 @@ with warnings.catch_warnings():
 
 from . import registry
 from .route_modes import RouteModes, ordered_routes, route_modes
-from .settings import Settings, parse_listen
+from .listeners import parse_address
+from .settings import Settings
 
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -102,14 +103,15 @@ def _socket(address: str, connect: bool = True) -> tuple[Address, bool]:
     ``connect``: Envoy connects to it, so an unspecified address (0.0.0.0) means loopback."""
     if address.startswith("unix:"):
         return Address(pipe=Pipe(path=address.removeprefix("unix:"))), False
-    host, port = parse_listen(address)
+    parsed = parse_address(address)
+    if connect:  # the host listens everywhere: reach it on loopback
+        parsed = parsed.reachable()
     try:
-        ip = ipaddress.ip_address(host)
+        ipaddress.ip_address(parsed.host)
+        dns = False
     except ValueError:
-        return Address(socket_address=SocketAddress(address=host, port_value=port)), True
-    if connect and ip.is_unspecified:  # the host listens everywhere: reach it on loopback
-        host = "::1" if ip.version == 6 else "127.0.0.1"
-    return Address(socket_address=SocketAddress(address=host, port_value=port)), False
+        dns = True
+    return Address(socket_address=SocketAddress(address=parsed.host, port_value=parsed.port)), dns
 
 
 def _cluster(name: str, address: str, http2: bool) -> Cluster:

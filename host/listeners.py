@@ -16,6 +16,7 @@ process exits.
 from __future__ import annotations
 
 import atexit
+import ipaddress
 import os
 import socket
 import ssl
@@ -53,6 +54,26 @@ class ListenAddress:
     def with_port(self, port: int) -> ListenAddress:
         return ListenAddress(self.host, port, self.path)
 
+    def reachable(self) -> ListenAddress:
+        """Where a client on this machine connects: a server listening on every interface
+        (``0.0.0.0``, ``::``) is reached on loopback; any other address is itself."""
+        if self.path is None:
+            try:
+                ip = ipaddress.ip_address(self.host)
+            except ValueError:
+                return self
+            if ip.is_unspecified:
+                return ListenAddress("::1" if ip.version == 6 else "127.0.0.1", self.port)
+        return self
+
+
+def split_host_port(value: str) -> tuple[str, int] | None:
+    """``HOST:PORT`` (``[::1]:9001`` for IPv6) as (host, port), or None when it is not one."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        return None
+    return host.strip("[]"), int(port)
+
 
 def parse_address(value: str) -> ListenAddress:
     """``HOST:PORT`` (``[::1]:9001`` for IPv6) or ``unix:PATH``; ValueError when neither."""
@@ -66,10 +87,10 @@ def parse_address(value: str) -> ListenAddress:
         if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
             raise ValueError(f"Unix socket path is longer than {_MAX_SOCKET_PATH} bytes: {path}")
         return ListenAddress(path=path)
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    found = split_host_port(value)
+    if found is None:
         raise ValueError(f"expected HOST:PORT or unix:/path/to.sock, got {value!r}")
-    return ListenAddress(host=host.strip("[]"), port=int(port))
+    return ListenAddress(host=found[0], port=found[1])
 
 
 def _readable_file(value: str) -> str:

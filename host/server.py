@@ -17,7 +17,7 @@ from google.protobuf.message import DecodeError
 
 from .admission import count_stream, cut_short_reason, refuse_stream
 from .health import Health
-from .listeners import Listener, parse_address
+from .listeners import ListenAddress, Listener, parse_address
 from .logs import current_stream
 from .metrics import Metrics
 from .processor import ProtocolError, Router, StreamAborted, StreamFailed, StreamProcessor
@@ -75,13 +75,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 if cut:  # gRPC dropped a message over the size limit and ended Envoy's side
                     error = StreamAborted(cut_short_reason(cut, self.max_message_bytes))
                     log.warning("%s", error)
-        except ProtocolError as exc:
-            error = exc
-            log.warning("stream %s: ext_proc protocol error: %s", stream.stream_id, exc)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except DecodeError as exc:  # bytes that are not a ProcessingRequest
-            error = ProtocolError(f"undecodable ProcessingRequest: {exc}")
-            log.warning("stream %s: %s", stream.stream_id, error)
+        except (ProtocolError, DecodeError) as exc:  # DecodeError: bytes that are not a ProcessingRequest
+            error = exc if isinstance(exc, ProtocolError) else ProtocolError(f"undecodable ProcessingRequest: {exc}")
+            log.warning("stream %s: ext_proc protocol error: %s", stream.stream_id, error)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except StreamFailed as exc:
             error = exc
@@ -204,8 +200,7 @@ def start_metrics(settings: Settings, router: Router) -> Metrics | None:
         bound = metrics.serve(host, port)
     except OSError as exc:
         raise OSError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
-    shown = f"[{host}]" if ":" in host else host
-    print(f"extproc-host metrics on http://{shown}:{bound}/metrics", flush=True)
+    print(f"extproc-host metrics on http://{ListenAddress(host, bound).target()}/metrics", flush=True)
     return metrics
 
 

@@ -27,7 +27,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-from .listeners import TlsSettings, parse_address
+from .listeners import TlsSettings, parse_address, split_host_port
 
 DEFAULT_LISTEN = "127.0.0.1:9001"
 
@@ -40,10 +40,10 @@ class ConfigError(Exception):
 
 def parse_listen(value: str) -> tuple[str, int]:
     """Split ``HOST:PORT`` (``[::1]:9001`` for IPv6) into host and port."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    found = split_host_port(value)
+    if found is None:
         raise ValueError(f"expected HOST:PORT, got {value!r}")
-    return host.strip("[]"), int(port)
+    return found
 
 
 class ServerSettings(BaseModel):

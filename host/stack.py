@@ -152,7 +152,6 @@ def rewrite_envoy_config(
             continue
         seen.add(name)
         if name == "extproc" and extproc_pipe is not None:
-            seen.add(name)
             socket_address: dict[str, Any] = {"pipe": {"path": extproc_pipe}}
         elif ports[name] is None:
             raise StackError(f"the Envoy config has a {name!r} cluster but the stack runs no host")
@@ -300,21 +299,14 @@ class Stack:
             if self.host_command is not None:
                 self._spawn("host", self.host_command, env=self.host_env)
             elif self.host_config is not None:
-                cmd = [
-                    *extproc_host_command(),
-                    "--config",
-                    str(self.host_config),
-                    "--listen",
-                    self.host_listen,
-                    *self.host_args,
-                ]
-                self._spawn("host", cmd, env=self.host_env)
+                self._spawn("host", self._host_cmd(), env=self.host_env)
             deadline = time.monotonic() + self.startup_timeout
             self.echo_port = self._wait_listening("echo", deadline)
-            if "host" in self._procs and self.host_listen.startswith("unix:"):
-                self.host_socket = self._wait_listening_unix("host", deadline)
-            elif "host" in self._procs:
-                self.host_port = self._wait_listening("host", deadline)
+            if "host" in self._procs:
+                if self.host_listen.startswith("unix:"):
+                    self.host_socket = self._wait_listening_unix("host", deadline)
+                else:
+                    self.host_port = self._wait_listening("host", deadline)
                 found = _METRICS.search(self._procs["host"].stdout.read_text(errors="replace"))
                 self.metrics_url = found.group(1) if found else None
             self._start_envoy(deadline)
@@ -327,6 +319,13 @@ class Stack:
                 raise StackError(f"stack failed to start: {exc!r}\n{tails}") from exc
             raise
         return self
+
+    def _host_cmd(self, *extra: str) -> list[str]:
+        """``extproc-host --config FILE --listen ADDRESS *host_args *extra`` (a later
+        ``--listen`` in ``extra`` wins)."""
+        assert self.host_config is not None
+        config = ["--config", str(self.host_config), "--listen", self.host_listen]
+        return [*extproc_host_command(), *config, *self.host_args, *extra]
 
     def _spawn(self, name: str, cmd: Sequence[str], env: Mapping[str, str] | None = None) -> _Proc:
         assert self.tmpdir is not None
@@ -509,15 +508,7 @@ class Stack:
             old = self._procs.get("host")
         if old is not None and old.popen.poll() is None:
             raise StackError("the host is still running: kill_host() first")
-        cmd = [
-            *extproc_host_command(),
-            "--config",
-            str(self.host_config),
-            *self.host_args,
-            "--listen",  # after host_args: the last --listen wins
-            f"127.0.0.1:{self.host_port}",
-        ]
-        self._spawn("host", cmd, env=self.host_env)
+        self._spawn("host", self._host_cmd("--listen", f"127.0.0.1:{self.host_port}"), env=self.host_env)
         port = self._wait_listening("host", time.monotonic() + self.startup_timeout)
         if port != self.host_port:
             raise StackError(f"the restarted host listens on {port}, not {self.host_port}")

@@ -25,8 +25,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from .listeners import ListenAddress
-from .settings import parse_listen
+from .listeners import ListenAddress, parse_address
 
 log = logging.getLogger("extproc_host.workers")
 
@@ -221,6 +220,5 @@ def supervise(
 def worker_metrics_listen(metrics_listen: str, index: int) -> str:
     """Worker ``index``'s metrics address: each worker is its own Prometheus target, on the
     configured port plus its index (port 0: each picks a free port and prints it)."""
-    host, port = parse_listen(metrics_listen)
-    shown = f"[{host}]" if ":" in host else host
-    return f"{shown}:{port + index if port else 0}"
+    address = parse_address(metrics_listen)
+    return address.with_port(address.port + index if address.port else 0).target()

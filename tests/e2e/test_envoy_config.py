@@ -15,20 +15,12 @@ import pytest
 from extproc_host.cli import main
 from extproc_host.stack import Stack, validate_envoy_config
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_extproc_env")]
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS_FILES = sorted((ROOT / "config").glob("*.toml"))
 ENVOY_FILES = sorted((ROOT / "envoy").glob("*.yaml")) + [ROOT / "deploy" / "envoy.yaml"]
 REGENERATE = "#   extproc-host envoy-config "
-
-
-@pytest.fixture(autouse=True)
-def _no_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
-    """EXTPROC_* variables would change what the settings say: the files depend on config/ alone."""
-    for name in list(os.environ):
-        if name.startswith("EXTPROC_"):
-            monkeypatch.delenv(name)
 
 
 def validate(path: Path) -> None:

@@ -111,6 +111,19 @@ def envoy_tls(ca: Path, client: tuple[Path, Path] | None = None) -> Callable[[di
     return edit
 
 
+def host_stack(directory: Path, tls: str = "", **stack_args) -> Stack:
+    """Envoy (envoy/full_duplex.yaml), echo, and the host with the ``worker_pid`` test plugin
+    and ``tls`` settings; ``stack_args`` go to Stack (host_listen, envoy_edit, host_args)."""
+    return Stack(
+        "envoy/full_duplex.yaml", host_config=host_config(directory, tls), host_env={"PYTHONPATH": PYTHONPATH}, **stack_args
+    )
+
+
+def envoy_client(pki: dict[str, Path]) -> tuple[Path, Path]:
+    """Envoy's client certificate and key, signed by the host's CA."""
+    return pki["client_cert"], pki["client_key"]
+
+
 def roundtrip(stack: Stack, body) -> None:
     """A body through the full-duplex route: 200, byte-exact, stamped by the host's plugin."""
     echoed = asyncio.run(h1_request(stack.url + "/full-duplex-streamed", body=body))
@@ -127,12 +140,7 @@ def refused(stack: Stack, body) -> int:
 def test_unix_socket(short_dir: Path, payload) -> None:
     sock = short_dir / "host.sock"
     body = payload(256 * KiB)
-    with Stack(
-        "envoy/full_duplex.yaml",
-        host_config=host_config(short_dir),
-        host_listen=f"unix:{sock}",
-        host_env={"PYTHONPATH": PYTHONPATH},
-    ) as stack:
+    with host_stack(short_dir, host_listen=f"unix:{sock}") as stack:
         assert stack.host_socket == str(sock)
         assert sock.is_socket()
         roundtrip(stack, body)
@@ -146,12 +154,7 @@ def test_unix_socket_left_by_a_dead_server_is_replaced(short_dir: Path, payload)
     stale.bind(str(sock))
     stale.close()  # the file stays, nobody listens
     assert sock.is_socket()
-    with Stack(
-        "envoy/full_duplex.yaml",
-        host_config=host_config(short_dir),
-        host_listen=f"unix:{sock}",
-        host_env={"PYTHONPATH": PYTHONPATH},
-    ) as stack:
+    with host_stack(short_dir, host_listen=f"unix:{sock}") as stack:
         roundtrip(stack, payload(1 * KiB))
 
 
@@ -183,47 +186,28 @@ def test_unix_socket_path_that_is_not_a_socket_is_refused(short_dir: Path) -> No
 
 
 def test_tls(tmp_path: Path, pki: dict[str, Path], payload) -> None:
-    with Stack(
-        "envoy/full_duplex.yaml",
-        host_config=host_config(tmp_path, tls_settings(pki, mutual=False)),
-        host_env={"PYTHONPATH": PYTHONPATH},
-        envoy_edit=envoy_tls(pki["ca"]),
-    ) as stack:
+    with host_stack(tmp_path, tls_settings(pki, mutual=False), envoy_edit=envoy_tls(pki["ca"])) as stack:
         roundtrip(stack, payload(256 * KiB))
         stats = stack.envoy_stats(r"cluster\.extproc\.ssl\.handshake")
         assert stats["cluster.extproc.ssl.handshake"] >= 1
 
 
 def test_tls_host_is_refused_by_an_envoy_trusting_another_ca(tmp_path: Path, pki: dict[str, Path], payload) -> None:
-    with Stack(
-        "envoy/full_duplex.yaml",
-        host_config=host_config(tmp_path, tls_settings(pki, mutual=False)),
-        host_env={"PYTHONPATH": PYTHONPATH},
-        envoy_edit=envoy_tls(pki["other_ca"]),
-    ) as stack:
+    with host_stack(tmp_path, tls_settings(pki, mutual=False), envoy_edit=envoy_tls(pki["other_ca"])) as stack:
         assert refused(stack, payload(1 * KiB)) == 500
         stats = stack.envoy_stats(r"cluster\.extproc\.ssl\.")
         assert stats.get("cluster.extproc.ssl.fail_verify_error", 0) >= 1
 
 
 def test_mutual_tls(tmp_path: Path, pki: dict[str, Path], payload) -> None:
-    with Stack(
-        "envoy/full_duplex.yaml",
-        host_config=host_config(tmp_path, tls_settings(pki, mutual=True)),
-        host_env={"PYTHONPATH": PYTHONPATH},
-        envoy_edit=envoy_tls(pki["ca"], client=(pki["client_cert"], pki["client_key"])),
-    ) as stack:
+    edit = envoy_tls(pki["ca"], client=envoy_client(pki))
+    with host_stack(tmp_path, tls_settings(pki, mutual=True), envoy_edit=edit) as stack:
         roundtrip(stack, payload(256 * KiB))
         assert stack.envoy_stats(r"cluster\.extproc\.ssl\.handshake")["cluster.extproc.ssl.handshake"] >= 1
 
 
 def test_mutual_tls_refuses_an_envoy_without_a_client_certificate(tmp_path: Path, pki: dict[str, Path], payload) -> None:
-    with Stack(
-        "envoy/full_duplex.yaml",
-        host_config=host_config(tmp_path, tls_settings(pki, mutual=True)),
-        host_env={"PYTHONPATH": PYTHONPATH},
-        envoy_edit=envoy_tls(pki["ca"]),
-    ) as stack:
+    with host_stack(tmp_path, tls_settings(pki, mutual=True), envoy_edit=envoy_tls(pki["ca"])) as stack:
         assert refused(stack, payload(1 * KiB)) == 500
 
 
@@ -232,12 +216,7 @@ def test_mutual_tls_refuses_a_client_certificate_from_another_ca(tmp_path: Path,
     cert, key = tmp_path / "other-client.pem", tmp_path / "other-client.key"
     other.cert_chain_pems[0].write_to_path(str(cert))
     other.private_key_pem.write_to_path(str(key))
-    with Stack(
-        "envoy/full_duplex.yaml",
-        host_config=host_config(tmp_path, tls_settings(pki, mutual=True)),
-        host_env={"PYTHONPATH": PYTHONPATH},
-        envoy_edit=envoy_tls(pki["ca"], client=(cert, key)),
-    ) as stack:
+    with host_stack(tmp_path, tls_settings(pki, mutual=True), envoy_edit=envoy_tls(pki["ca"], client=(cert, key))) as stack:
         assert refused(stack, payload(1 * KiB)) == 500
 
 
@@ -252,26 +231,18 @@ def test_bad_tls_settings_stop_the_host_with_status_2(tmp_path: Path, pki: dict[
 
 
 def test_mutual_tls_on_a_unix_socket(short_dir: Path, pki: dict[str, Path], payload) -> None:
-    with Stack(
-        "envoy/full_duplex.yaml",
-        host_config=host_config(short_dir, tls_settings(pki, mutual=True)),
-        host_listen=f"unix:{short_dir}/tls.sock",
-        host_env={"PYTHONPATH": PYTHONPATH},
-        envoy_edit=envoy_tls(pki["ca"], client=(pki["client_cert"], pki["client_key"])),
-    ) as stack:
+    mutual = tls_settings(pki, mutual=True)
+    edit = envoy_tls(pki["ca"], client=envoy_client(pki))
+    with host_stack(short_dir, mutual, host_listen=f"unix:{short_dir}/tls.sock", envoy_edit=edit) as stack:
         roundtrip(stack, payload(64 * KiB))
         assert stack.envoy_stats(r"cluster\.extproc\.ssl\.handshake")["cluster.extproc.ssl.handshake"] >= 1
 
 
 def test_mutual_tls_with_two_workers(tmp_path: Path, pki: dict[str, Path], payload) -> None:
     body = payload(64 * KiB)
-    with Stack(
-        "envoy/full_duplex.yaml",
-        host_config=host_config(tmp_path, tls_settings(pki, mutual=True)),
-        host_args=["--workers", "2"],
-        host_env={"PYTHONPATH": PYTHONPATH},
-        envoy_edit=envoy_tls(pki["ca"], client=(pki["client_cert"], pki["client_key"])),
-    ) as stack:
+    mutual = tls_settings(pki, mutual=True)
+    edit = envoy_tls(pki["ca"], client=envoy_client(pki))
+    with host_stack(tmp_path, mutual, host_args=["--workers", "2"], envoy_edit=edit) as stack:
         workers = {str(child.pid) for child in psutil.Process(stack.pids["host"]).children()}
         echoed = asyncio.run(h1_request(stack.url + "/full-duplex-streamed", body=body))
         assert echoed.status == 200 and (echoed.size, echoed.sha256) == (body.size, body.sha256)

@@ -17,13 +17,7 @@ HEAD = '[server]\nplugin_modules = ["tests.unit.needs_plugins"]\n'
 EXT_PROC = "envoy.filters.http.ext_proc"
 
 
-@pytest.fixture(autouse=True)
-def _no_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
-    for name in list(os.environ):
-        if name.startswith("EXTPROC_"):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("no_extproc_env")
 
 
 def render(tmp_path: Path, settings: str, *options: str) -> dict:
