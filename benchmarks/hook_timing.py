@@ -18,12 +18,12 @@ import time
 
 from pydantic import BaseModel
 
-from extproc_host.admission import count_stream
+from extproc_host.admission import Admission
 from extproc_host.chain import Chain, ChainPlan
 from extproc_host.metrics import Metrics
 from extproc_host.plugin import Plugin, StreamInfo
 from extproc_host.processor import Router, StreamProcessor
-from extproc_host.registry import ChainLink, PluginInfo, Route
+from extproc_host.routes import ChainLink, PluginInfo, Route
 
 
 class NoSettings(BaseModel):
@@ -54,12 +54,14 @@ async def per_call(chain: Chain, calls: int) -> float:
 
 def per_stream(metrics: Metrics, route: Route, calls: int) -> float:
     """Seconds to count one ended stream that carried bodies both ways."""
-    stream = StreamProcessor(Router({"default": route}), "1", plan=ChainPlan.for_route(route))
+    router = Router({"default": route}, metrics)
+    admission = Admission(router, metrics)
+    stream = StreamProcessor(router, "1", plan=ChainPlan.for_route(route))
     for d in (stream.request, stream.response):
         d.bytes_in = d.bytes_out = 1024
     start = time.perf_counter()
     for _ in range(calls):
-        count_stream(metrics, stream, None)
+        admission.count(stream, None)
     return (time.perf_counter() - start) / calls
 
 

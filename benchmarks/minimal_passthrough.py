@@ -19,7 +19,7 @@ MAX_MESSAGE = 64 * 1024 * 1024
 
 
 class Passthrough(pb_grpc.ExternalProcessorServicer):
-    async def Process(self, requests, context):  # noqa: N802 (gRPC method name)
+    async def Process(self, requests, context):
         fd = {}
         async for req in requests:
             kind = req.WhichOneof("request")

@@ -48,8 +48,8 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import tomllib
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -190,8 +190,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--runs", type=int, default=3, help="repetitions of every setup x workload")
-    parser.add_argument("--setups", type=_choices(SETUPS), default=list(SETUPS), help="comma-separated subset of " + ",".join(SETUPS))
-    parser.add_argument("--only", type=_choices(WORKLOADS), default=list(WORKLOADS), help="comma-separated subset of " + ",".join(WORKLOADS))
+    parser.add_argument(
+        "--setups", type=_choices(SETUPS), default=list(SETUPS), help="comma-separated subset of " + ",".join(SETUPS)
+    )
+    parser.add_argument(
+        "--only",
+        type=_choices(WORKLOADS),
+        default=list(WORKLOADS),
+        help="comma-separated subset of " + ",".join(WORKLOADS),
+    )
     parser.add_argument("--size-mib", type=float, default=70.0, help="size of the uploaded file")
     parser.add_argument("--uploads", type=int, default=10, help="concurrent uploads")
     parser.add_argument("--duration", type=int, default=10, help="seconds of each wrk measurement")
@@ -221,7 +228,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "its settings file, instead of envoy/full_duplex.yaml",
     )
     parser.add_argument("--json", type=Path, help="also write the raw results here")
-    parser.add_argument("--no-install", action="store_true", help="do not try to apt-get install wrk when it is missing")
+    parser.add_argument(
+        "--no-install", action="store_true", help="do not try to apt-get install wrk when it is missing"
+    )
     args = parser.parse_args(argv)
     if args.runs < 1 or args.uploads < 1 or args.duration < 1 or args.size_mib <= 0:
         parser.error("--runs, --uploads, --duration and --size-mib must be positive")
@@ -272,7 +281,11 @@ def find_wrk(allow_install: bool) -> str | None:
         return found
     if os.geteuid() == 0 and shutil.which("apt-get"):
         console.print("wrk not found: running apt-get install -y wrk")
-        for cmd in (["apt-get", "install", "-y", "-q", "wrk"], ["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "wrk"]):
+        for cmd in (
+            ["apt-get", "install", "-y", "-q", "wrk"],
+            ["apt-get", "update", "-q"],
+            ["apt-get", "install", "-y", "-q", "wrk"],
+        ):
             subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
             found = shutil.which("wrk")
             if found:
@@ -324,7 +337,9 @@ def limit_extproc_streams(config: dict[str, Any]) -> None:
     that concurrent exchanges open several connections for SO_REUSEPORT to spread."""
     for cluster in config["static_resources"]["clusters"]:
         if cluster["name"] == "extproc":
-            options = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+            options = cluster["typed_extension_protocol_options"][
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+            ]
             h2 = options["explicit_http_config"]["http2_protocol_options"]
             h2["max_concurrent_streams"] = WORKER_STREAMS_PER_CONNECTION
 
@@ -534,18 +549,34 @@ def run_upload(stack: Stack, file: Path, digest: str, args: argparse.Namespace) 
 
 
 def _wrk_command(wrk: str, url: str, seconds: int, args: argparse.Namespace) -> list[str]:
-    return [wrk, f"-t{args.threads}", f"-c{args.connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(WRK_SCRIPT), url]
+    return [
+        wrk,
+        f"-t{args.threads}",
+        f"-c{args.connections}",
+        f"-d{seconds}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(WRK_SCRIPT),
+        url,
+    ]
 
 
 def run_wrk(stack: Stack, wrk: str, workload: str, args: argparse.Namespace) -> dict[str, Any]:
     url = stack.url + PATHS[workload]
     env = {**os.environ, "WRK_BODY_BYTES": str(args.body_bytes)}
     if args.warmup > 0:
-        subprocess.run(_wrk_command(wrk, url, args.warmup, args), env=env, capture_output=True, timeout=args.warmup + 60)
+        subprocess.run(
+            _wrk_command(wrk, url, args.warmup, args), env=env, capture_output=True, timeout=args.warmup + 60
+        )
     msgs_before = extproc_messages(stack)
     with stack.sampler(0.1) as rss, CpuMeter(stack) as cpu:
         proc = subprocess.run(
-            _wrk_command(wrk, url, args.duration, args), env=env, capture_output=True, text=True, timeout=args.duration + 60
+            _wrk_command(wrk, url, args.duration, args),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=args.duration + 60,
         )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("WRK_RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -557,7 +588,9 @@ def run_wrk(stack: Stack, wrk: str, workload: str, args: argparse.Namespace) -> 
     requests = summary["requests"] or 1
     per_request = {}
     if workload == "small-fd":
-        per_request["fd_cpu_ms_per_request"] = 1000 * (cpu.seconds.get("envoy", 0.0) + cpu.seconds.get("host", 0.0)) / requests
+        per_request["fd_cpu_ms_per_request"] = (
+            1000 * (cpu.seconds.get("envoy", 0.0) + cpu.seconds.get("host", 0.0)) / requests
+        )
         if stack.runs_host:
             per_request["fd_extproc_msgs_per_request"] = (extproc_messages(stack) - msgs_before) / requests
     return {
@@ -603,7 +636,13 @@ def run_all(args: argparse.Namespace, wrk: str | None, upload: tuple[Path, str] 
     for index in range(args.runs):
         shift = index % len(args.setups)
         order = args.setups[shift:] + args.setups[:shift]
-        run: dict[str, Any] = {"run": index + 1, "order": order, "results": {s: {} for s in order}, "errors": [], "skipped": {}}
+        run: dict[str, Any] = {
+            "run": index + 1,
+            "order": order,
+            "results": {s: {} for s in order},
+            "errors": [],
+            "skipped": {},
+        }
         runs.append(run)
         for setup in order:
             label = f"run {index + 1}/{args.runs} {setup:<{width}}"
@@ -640,7 +679,7 @@ def run_setup(
     """Every workload on one running stack; results and errors go into ``run``."""
     try:
         notes = check_stack(stack, host, upload)
-    except Exception as exc:  # noqa: BLE001 (reported, the run goes on)
+    except Exception as exc:
         run["errors"].append(f"{setup}: {exc}")
         console.print(f"[red]{label} sanity check failed: {exc}[/red]\n{stack.log_tails(20)}")
         return
@@ -662,7 +701,7 @@ def run_setup(
             else:
                 assert wrk is not None
                 result = run_wrk(stack, wrk, workload, args)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             run["errors"].append(f"{setup} {workload}: {exc}")
             console.print(f"[red]{label} {workload:<13} failed: {exc}[/red]")
             continue
@@ -709,10 +748,14 @@ def ratios(summary: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str,
     return out
 
 
-def plugin_ratios(summary: dict[str, dict[str, dict[str, Any]]], plugins: Sequence[str]) -> dict[str, dict[str, float | None]]:
+def plugin_ratios(
+    summary: dict[str, dict[str, dict[str, Any]]], plugins: Sequence[str]
+) -> dict[str, dict[str, float | None]]:
     """Per figure: each plugin setup's median over the host's (passthrough) median."""
     return {
-        key: {f"{name}/host": _ratio(summary.get(name, {}).get(key), summary.get("host", {}).get(key)) for name in plugins}
+        key: {
+            f"{name}/host": _ratio(summary.get(name, {}).get(key), summary.get("host", {}).get(key)) for name in plugins
+        }
         for key, *_ in METRICS
     }
 
@@ -721,10 +764,7 @@ def targets(ratio: dict[str, dict[str, float | None]]) -> list[dict[str, Any]]:
     out = []
     for key, op, bound in TARGETS:
         value = ratio[key]["host/minimal"]
-        if value is None:
-            verdict = "n/a"
-        else:
-            verdict = "PASS" if (value >= bound if op == ">=" else value <= bound) else "FAIL"
+        verdict = "n/a" if value is None else "PASS" if (value >= bound if op == ">=" else value <= bound) else "FAIL"
         out.append({"metric": key, "target": f"host {op} {bound:.1f} x minimal", "ratio": value, "verdict": verdict})
     return out
 
@@ -739,14 +779,19 @@ def _cell(stat: dict[str, Any] | None, fmt: str, runs: int) -> str:
 
 
 def report(
-    args: argparse.Namespace, runs: list[dict[str, Any]], summary: dict, ratio: dict, verdicts: list[dict], plugin_ratio: dict
+    args: argparse.Namespace,
+    runs: list[dict[str, Any]],
+    summary: dict,
+    ratio: dict,
+    verdicts: list[dict],
+    plugin_ratio: dict,
 ) -> None:
     n = len(runs)
     spread = " (min-max across runs)" if n > 1 else ""
     table = Table(title=f"median of {n} run{'s' if n > 1 else ''}{spread}", title_justify="left")
     table.add_column("setup")
     labels = {key: label for key, label, _, _ in METRICS}
-    for key, label, _, _ in METRICS:
+    for _, label, _, _ in METRICS:
         table.add_column(label, justify="right")
     for setup in args.setups:
         table.add_row(setup, *(_cell(summary[setup].get(key), fmt, n) for key, _, fmt, _ in METRICS))
@@ -781,7 +826,7 @@ def host_ratios_table(ratio: dict, verdicts: list[dict], labels: dict[str, str])
     ratios_table.add_column("target")
     ratios_table.add_column("result")
     goals = {v["metric"]: v for v in verdicts}
-    for key, label, _, _ in METRICS:
+    for key, _label, _, _ in METRICS:
         row = ratio[key]
         goal = goals.get(key)
         verdict = goal["verdict"] if goal else ""
@@ -872,14 +917,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers = f" --workers {host.workers}" if host.workers != 1 else ""
             behind = "Envoy config generated from it" if args.generate_envoy else "envoy/full_duplex.yaml"
             console.print(
-                f"  {name}: extproc-host --config {os.path.relpath(host.config, ROOT)}{workers} ({behind})", soft_wrap=True
+                f"  {name}: extproc-host --config {os.path.relpath(host.config, ROOT)}{workers} ({behind})",
+                soft_wrap=True,
             )
     if args.split_connections:
-        console.print(f"  Envoy -> host: at most {WORKER_STREAMS_PER_CONNECTION} streams per HTTP/2 connection", soft_wrap=True)
+        console.print(
+            f"  Envoy -> host: at most {WORKER_STREAMS_PER_CONNECTION} streams per HTTP/2 connection", soft_wrap=True
+        )
 
     tmp = Path(tempfile.mkdtemp(prefix="extproc-bench-"))
     try:
-        needs_file = "upload" in args.only or any(h.replaces_with_upload for n, h in args.host_setups.items() if n in args.setups)
+        needs_file = "upload" in args.only or any(
+            h.replaces_with_upload for n, h in args.host_setups.items() if n in args.setups
+        )
         upload = make_upload_file(tmp, size) if needs_file else None
         if args.generate_envoy:
             generate_envoy_configs(args, tmp)

@@ -14,29 +14,9 @@ from dataclasses import dataclass
 from time import perf_counter
 from typing import Any
 
-from .plugin import Headers, Plugin, StreamInfo, overridden_hooks
-from .registry import Route
-
-BODY_HOOKS = {
-    "request": ("on_request_body", "on_request_body_end"),
-    "response": ("on_response_body", "on_response_body_end"),
-}
-HEADER_HOOKS = {
-    "request": "on_request_headers",
-    "response": "on_response_headers",
-    "request_trailers": "on_request_trailers",
-    "response_trailers": "on_response_trailers",
-}
-
-
-class PluginError(Exception):
-    """A plugin hook raised; carries which plugin and hook, and the original error as cause."""
-
-    def __init__(self, plugin: str, hook: str, error: BaseException) -> None:
-        self.plugin = plugin
-        self.hook = hook
-        self.error = error
-        super().__init__(f"plugin '{plugin}' failed in {hook}: {type(error).__name__}: {error}")
+from .errors import PluginError
+from .plugin import BODY_HOOKS, Headers, Plugin, StreamInfo, overridden_hooks
+from .routes import Route
 
 
 @dataclass(frozen=True)
@@ -128,7 +108,7 @@ def _as_bytes(value: Any, plugin: str, hook: str) -> bytes:
 class Chain:
     """The plugin instances of one stream, in route order."""
 
-    __slots__ = ("plan", "plugins", "info", "timers", "_closed")
+    __slots__ = ("_closed", "info", "plan", "plugins", "timers")
 
     def __init__(self, plan: ChainPlan, info: StreamInfo, timers: dict[tuple[str, str], Any] | None = None) -> None:
         """``timers``: ``{(plugin name, hook): metrics.HookTimer}`` to time every hook call, or None."""

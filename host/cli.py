@@ -1,4 +1,9 @@
-"""The ``extproc-host`` command: serve (the default), plugins, check, echo."""
+"""The ``extproc-host`` command: serve (the default), check, plugins, health, envoy-config, echo, demo.
+
+Each subcommand's parser carries its handler (``set_defaults(handler=...)``); every handler that
+reads a settings file starts from :func:`~extproc_host.registry.load_host`. Commands whose
+dependencies are an extra (``echo``, ``demo``) say which extra to install when it is missing.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,33 @@ import asyncio
 import sys
 from importlib.metadata import version
 
-from .listeners import parse_address
-from .envoy_config_command import add_envoy_config_parser, run_envoy_config
-from .settings import ConfigError, load_settings, parse_listen
+from .envoyconfig.command import add_envoy_config_parser
+from .errors import ConfigError
+from .listeners import ListenAddress, parse_address
+from .registry import load_host
+from .settings import parse_listen
 
-COMMANDS = ("serve", "plugins", "check", "echo", "demo", "envoy-config", "health")
+
+class MissingExtra(Exception):
+    """A command needs a package that comes with one of the distribution's extras."""
+
+    def __init__(self, command: str, extra: str, error: ImportError) -> None:
+        self.command, self.extra = command, extra
+        super().__init__(
+            f"extproc-host {command} needs the '{extra}' extra ({error.name or error} is not installed): "
+            f"pip install 'extproc-host[{extra}]'"
+        )
+
+
+def _requires(command: str, extra: str, *modules: str) -> None:
+    """Import ``modules`` now, or raise MissingExtra naming the extra that brings them."""
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise MissingExtra(command, extra, exc) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,32 +51,46 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the ext_proc gRPC server (the default command)")
+    serve.set_defaults(handler=_serve)
     serve.add_argument("--config", "-c", help="settings TOML file (default: built-in defaults)")
     serve.add_argument(
-        "--listen", help="HOST:PORT or unix:/path/to.sock to listen on, overriding [server] listen (port 0: any free port)"
+        "--listen",
+        help="HOST:PORT or unix:/path/to.sock to listen on, overriding [server] listen (port 0: any free port)",
     )
-    serve.add_argument("--workers", type=int, help="processes serving the port (SO_REUSEPORT), overriding [server] workers")
+    serve.add_argument(
+        "--workers", type=int, help="processes serving the port (SO_REUSEPORT), overriding [server] workers"
+    )
     serve.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)  # set by the --workers supervisor
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides [server] log_level")
+    serve.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="overrides [server] log_level"
+    )
 
     check = sub.add_parser("check", help="validate a settings file and its plugins' settings, then exit")
     check.add_argument("--config", "-c", required=True, help="settings TOML file")
+    check.set_defaults(handler=_check)
 
-    sub.add_parser("plugins", help="list the installed plugins")
+    sub.add_parser("plugins", help="list the installed plugins").set_defaults(handler=_plugins)
 
     probe = sub.add_parser(
         "health", help="ask a running host for its gRPC health (exit 0 when SERVING: for container health checks)"
     )
     probe.add_argument(
-        "address", nargs="?", default="127.0.0.1:9001", help="HOST:PORT or unix:PATH of the host (default 127.0.0.1:9001)"
+        "address",
+        nargs="?",
+        default="127.0.0.1:9001",
+        help="HOST:PORT or unix:PATH of the host (default 127.0.0.1:9001)",
     )
     probe.add_argument("--service", default="", help="service name to ask about (default: the whole server)")
     probe.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer (default 5)")
     probe.add_argument("--ca-file", help="TLS: verify the host's certificate against this CA")
+    probe.set_defaults(handler=_health)
 
     echo = sub.add_parser("echo", help="run the echo upstream (streams every request body back)")
     echo.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT (default 127.0.0.1:8080)")
-    echo.add_argument("--http2", action="store_true", help="serve HTTP/2 with prior knowledge (h2c) and HTTP/1.1, with hypercorn")
+    echo.add_argument(
+        "--http2", action="store_true", help="serve HTTP/2 with prior knowledge (h2c) and HTTP/1.1, with hypercorn"
+    )
+    echo.set_defaults(handler=_echo)
     demo = sub.add_parser(
         "demo",
         help="N concurrent uploads through Envoy + host (FULL_DUPLEX_STREAMED, STREAMED) and Envoy alone; "
@@ -59,29 +100,29 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--size-mib", type=int, default=70, help="size of the generated file in MiB (default 70)")
     demo.add_argument("--file", help="upload this file instead of a generated one (e.g. a video)")
     demo.add_argument("--results", help="directory for rss.png and samples.json (default demo-results/<UTC time>)")
-    demo.add_argument("--modes", default="full-duplex,streamed,direct", help="comma-separated, from full-duplex, streamed, direct (default all three)")
-    demo.add_argument("--keep-running", action="store_true", help="afterwards leave a stack up and print curl commands to try it")
-    demo.add_argument("--keep-copies", action="store_true", help="keep file_tee's copies of the full-duplex bodies in the results directory (default: deleted once checked)")
+    demo.add_argument(
+        "--modes",
+        default="full-duplex,streamed,direct",
+        help="comma-separated, from full-duplex, streamed, direct (default all three)",
+    )
+    demo.add_argument(
+        "--keep-running", action="store_true", help="afterwards leave a stack up and print curl commands to try it"
+    )
+    demo.add_argument(
+        "--keep-copies",
+        action="store_true",
+        help="keep file_tee's copies of the full-duplex bodies in the results directory (default: deleted once checked)",
+    )
+    demo.set_defaults(handler=_demo)
     add_envoy_config_parser(sub)
     return parser
 
 
-def _load(config: str | None):
-    """Settings, plugin manager and routes, all checked; ConfigError on any problem."""
-    from .registry import build_routes, discover, make_plugin_manager
-
-    settings = load_settings(config)
-    pm = make_plugin_manager(modules=settings.server.plugin_modules, source=config or "environment")
-    plugins = discover(pm)
-    routes = build_routes(settings, plugins, config or "environment")
-    return settings, pm, routes
-
-
 def _serve(args: argparse.Namespace) -> int:
-    from .processor import Router
     from .server import serve
 
-    settings, pm, routes = _load(args.config)
+    host = load_host(args.config)
+    settings, pm, routes = host.settings, host.pm, host.routes
     try:
         address = parse_address(args.listen or settings.server.listen)
     except ValueError as exc:
@@ -98,19 +139,19 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             if args.ready_fd is None:
-                runner.run(serve(settings, Router(routes), pm, args.listen))
+                runner.run(serve(settings, routes, pm, args.listen))
             else:
                 from .workers import announce_ready
 
                 ready = lambda _shown: announce_ready(args.ready_fd)  # noqa: E731
-                runner.run(serve(settings, Router(routes), pm, args.listen, reuse_port=True, on_ready=ready))
+                runner.run(serve(settings, routes, pm, args.listen, reuse_port=True, on_ready=ready))
     except OSError as exc:
         print(f"extproc-host: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
-def _supervise(args: argparse.Namespace, address, workers: int, metrics_listen: str | None) -> int:
+def _supervise(args: argparse.Namespace, address: ListenAddress, workers: int, metrics_listen: str | None) -> int:
     """Run ``workers`` server processes on ``address`` (workers.py); the exit status."""
     from .workers import supervise
 
@@ -153,7 +194,8 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    settings, _, routes = _load(args.config)
+    host = load_host(args.config)
+    settings, routes = host.settings, host.routes
     for name, route in routes.items():
         chain = " -> ".join(link.info.name for link in route.chain)
         where = f" (path prefix {route.path_prefix})" if route.path_prefix else ""
@@ -176,7 +218,10 @@ def _plugins(args: argparse.Namespace) -> int:
 
 
 def _echo(args: argparse.Namespace) -> int:
-    from .echo import serve
+    _requires("echo", "stack", "aiohttp")
+    if args.http2:
+        _requires("echo --http2", "stack", "hypercorn")
+    from .stack.echo import serve
 
     try:
         parse_listen(args.listen)
@@ -190,13 +235,9 @@ def _echo(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .demo import DemoOptions, parse_modes, run
+    _requires("demo", "demo", "aiohttp", "psutil", "matplotlib")  # checked now, not after the uploads
+    from .stack.demo import DemoOptions, parse_modes, run
 
-    try:
-        import matplotlib  # noqa: F401  (checked now, not after the uploads)
-    except ImportError:
-        print("extproc-host demo: matplotlib is missing: pip install 'extproc-host[demo]'", file=sys.stderr)
-        return 2
     if args.concurrency < 1:
         raise ConfigError(f"--concurrency: must be at least 1, got {args.concurrency}")
     if args.size_mib < 1:
@@ -225,24 +266,26 @@ def _configure_logging(level: str, fmt: str = "text") -> None:
     configure(level, fmt)
 
 
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; with no command (or only options), ``serve`` is assumed."""
+    parser = _parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if not argv or (argv[0] not in sub.choices and argv[0] not in ("-h", "--help", "--version")):
+        argv = ["serve", *argv]
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
-        argv.insert(0, "serve")
-    args = _parser().parse_args(argv)
-    handler = {
-        "serve": _serve,
-        "check": _check,
-        "plugins": _plugins,
-        "echo": _echo,
-        "demo": _demo,
-        "envoy-config": run_envoy_config,
-        "health": _health,
-    }[args.command]
+    """The console script: run the command, map known errors to one paragraph and a status."""
+    args = _parse(list(sys.argv[1:] if argv is None else argv))
     try:
-        return handler(args)
+        status: int = args.handler(args)
+        return status
     except ConfigError as exc:
         print(f"extproc-host: invalid settings\n{exc}", file=sys.stderr)
+        return 2
+    except MissingExtra as exc:
+        print(f"{exc}", file=sys.stderr)
         return 2
     except ImportError as exc:
         print(f"extproc-host: a plugin failed to load: {exc}", file=sys.stderr)

@@ -6,7 +6,8 @@ that implements ``register_plugins``; the built-in plugins are registered the sa
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 

@@ -16,16 +16,13 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .chain import BODY_HOOKS, HEADER_HOOKS
-from .plugin import overridden_hooks
-from .registry import Route
+from .plugin import DIRECTIONS, TIMED_HOOKS, overridden_hooks
+from .routes import Route
 
 OUTCOMES = ("ok", "rejected", "failed", "aborted", "refused")
-DIRECTIONS = ("request", "response")
 WAYS = ("in", "out")  # in: received from Envoy; out: what the chain passed on
 #: Seconds: from 10 µs (a passthrough hook) to 5 s (a plugin waiting on a slow disk).
 HOOK_BUCKETS = (1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
-TIMED_HOOKS = (*(hook for pair in BODY_HOOKS.values() for hook in pair), *HEADER_HOOKS.values())
 
 
 class HookTimer:
@@ -45,7 +42,7 @@ class HookTimer:
 class RouteCounts:
     """One route's counters: ``streams[outcome]`` and ``bytes[(direction, way)]``."""
 
-    __slots__ = ("streams", "bytes")
+    __slots__ = ("bytes", "streams")
 
     def __init__(self) -> None:
         self.streams = dict.fromkeys(OUTCOMES, 0)
@@ -89,7 +86,9 @@ class Metrics(Collector):
 
     def collect(self) -> Iterator[Metric]:
         """The metric families, built from the plain counts (called by the exporter at scrape)."""
-        streams = CounterMetricFamily("extproc_streams", "ext_proc streams by route and how they ended", labels=["route", "outcome"])
+        streams = CounterMetricFamily(
+            "extproc_streams", "ext_proc streams by route and how they ended", labels=["route", "outcome"]
+        )
         body = CounterMetricFamily(
             "extproc_body_bytes",
             "Body bytes by route and direction: received from Envoy (in) and passed on by the chain (out)",
@@ -101,18 +100,24 @@ class Metrics(Collector):
             for (direction, way), value in list(counts.bytes.items()):
                 body.add_metric([name, direction, way], value)
         hooks = HistogramMetricFamily(
-            "extproc_plugin_hook_seconds", "Time in one plugin hook call (per body chunk for body hooks)", labels=["plugin", "hook"]
+            "extproc_plugin_hook_seconds",
+            "Time in one plugin hook call (per body chunk for body hooks)",
+            labels=["plugin", "hook"],
         )
         for (plugin, hook), timer in list(self.timers.items()):
             counts, cumulative, buckets = list(timer.counts), 0, []
-            for bound, count in zip((*map(str, HOOK_BUCKETS), "+Inf"), counts):
+            for bound, count in zip((*map(str, HOOK_BUCKETS), "+Inf"), counts, strict=False):
                 cumulative += count
                 buckets.append((bound, cumulative))
             hooks.add_metric([plugin, hook], buckets, timer.total)
-        errors = CounterMetricFamily("extproc_plugin_errors", "Plugin hooks (close included) that raised, by plugin", labels=["plugin"])
+        errors = CounterMetricFamily(
+            "extproc_plugin_errors", "Plugin hooks (close included) that raised, by plugin", labels=["plugin"]
+        )
         for plugin, value in list(self.errors.items()):
             errors.add_metric([plugin], value)
-        active = GaugeMetricFamily("extproc_active_streams", "ext_proc streams open now (plugins not closed yet)", value=self.active())
+        active = GaugeMetricFamily(
+            "extproc_active_streams", "ext_proc streams open now (plugins not closed yet)", value=self.active()
+        )
         return iter((streams, body, hooks, errors, active))
 
     def serve(self, host: str, port: int) -> int:

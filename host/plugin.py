@@ -33,7 +33,7 @@ class Headers:
     are not UTF-8 survive a round trip unchanged (surrogateescape).
     """
 
-    __slots__ = ("_items", "set_headers", "appended", "removed")
+    __slots__ = ("_items", "appended", "removed", "set_headers")
 
     def __init__(self, items: list[tuple[str, str]] | None = None) -> None:
         self._items: list[tuple[str, str]] = items if items is not None else []
@@ -153,25 +153,12 @@ class Needs:
         return any(getattr(self, f.name) for f in fields(self))
 
 
-#: Which parts of an exchange a hook looks at, for :func:`inferred_needs`.
-_HOOK_NEEDS: dict[str, dict[str, Any]] = {
-    "on_request_headers": {"request_headers": True},
-    "on_request_body": {"request_body": "streamed"},
-    "on_request_body_end": {"request_body": "streamed"},
-    "on_request_trailers": {"request_trailers": True},
-    "on_response_headers": {"response_headers": True},
-    "on_response_body": {"response_body": "streamed"},
-    "on_response_body_end": {"response_body": "streamed"},
-    "on_response_trailers": {"response_trailers": True},
-}
-
-
 def inferred_needs(cls: type[Plugin]) -> Needs:
     """What ``cls`` needs, judged by the hooks it implements (only response body hooks ->
     the response body, streamed)."""
     needs = Needs()
-    for hook in overridden_hooks(cls):
-        needs = needs | Needs(**_HOOK_NEEDS.get(hook, {}))
+    for name in overridden_hooks(cls):
+        needs = needs | HOOKS[name].needs
     return needs
 
 
@@ -244,17 +231,55 @@ class Plugin:
         """The stream is over: called exactly once, with the error if it failed."""
 
 
-HOOK_NAMES = (
-    "on_request_headers",
-    "on_request_body",
-    "on_request_body_end",
-    "on_request_trailers",
-    "on_response_headers",
-    "on_response_body",
-    "on_response_body_end",
-    "on_response_trailers",
-    "close",
-)
+@dataclass(frozen=True)
+class Hook:
+    """One stream hook of :class:`Plugin`: the part of the exchange it handles and the
+    :class:`Needs` a plugin implementing it has (``close`` needs nothing)."""
+
+    name: str
+    #: "request" or "response"; None for ``close``.
+    direction: str | None
+    #: "headers", "body", "body_end", "trailers" or "close".
+    part: str
+    needs: Needs
+
+
+def _hook(name: str, direction: str | None, part: str, **needs: Any) -> Hook:
+    return Hook(name, direction, part, Needs(**needs))
+
+
+#: Every stream hook, in the order of an exchange; the tables below are derived from it.
+HOOKS: dict[str, Hook] = {
+    hook.name: hook
+    for hook in (
+        _hook("on_request_headers", "request", "headers", request_headers=True),
+        _hook("on_request_body", "request", "body", request_body="streamed"),
+        _hook("on_request_body_end", "request", "body_end", request_body="streamed"),
+        _hook("on_request_trailers", "request", "trailers", request_trailers=True),
+        _hook("on_response_headers", "response", "headers", response_headers=True),
+        _hook("on_response_body", "response", "body", response_body="streamed"),
+        _hook("on_response_body_end", "response", "body_end", response_body="streamed"),
+        _hook("on_response_trailers", "response", "trailers", response_trailers=True),
+        _hook("close", None, "close"),
+    )
+}
+HOOK_NAMES: tuple[str, ...] = tuple(HOOKS)
+DIRECTIONS = ("request", "response")
+
+
+def _hook_named(direction: str, part: str) -> str:
+    return next(h.name for h in HOOKS.values() if h.direction == direction and h.part == part)
+
+
+#: direction -> (body hook, body-end hook)
+BODY_HOOKS: dict[str, tuple[str, str]] = {d: (_hook_named(d, "body"), _hook_named(d, "body_end")) for d in DIRECTIONS}
+#: direction -> headers hook, and "<direction>_trailers" -> trailers hook
+HEADER_HOOKS: dict[str, str] = {
+    **{d: _hook_named(d, "headers") for d in DIRECTIONS},
+    **{f"{d}_trailers": _hook_named(d, "trailers") for d in DIRECTIONS},
+}
+#: The hooks called once per body chunk or header block: the ones worth timing.
+TIMED_HOOKS: tuple[str, ...] = tuple(h.name for h in HOOKS.values() if h.part != "close")
 
 
 def overridden_hooks(cls: type[Plugin]) -> list[str]:

@@ -16,79 +16,37 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from envoy.config.core.v3 import base_pb2
-from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from envoy.type.v3 import http_status_pb2
 
-from .chain import Chain, ChainPlan, PluginError
+from .chain import Chain, ChainPlan
+from .errors import PluginError, ProtocolError, StreamAborted, StreamFailed
 from .plugin import Headers, Reject, StreamInfo
-from .registry import Route
+from .protocol import (
+    BUFFERED,
+    CONTINUE,
+    FULL_DUPLEX,
+    MAX_STREAMED_CHUNK,
+    MODE_NAMES,
+    NONE,
+    NOTHING,
+    header_items,
+    header_mutation,
+    immediate_response,
+    request_path,
+    route_attribute,
+    streamed,
+    streamed_pieces,
+)
+from .routes import Route
 
 if TYPE_CHECKING:
-    from .metrics import Metrics
+    from .metrics import HookTimer, Metrics
 
 log = logging.getLogger("extproc_host.stream")
-
-_Mode = processing_mode_pb2.ProcessingMode.BodySendMode
-NONE, STREAMED, BUFFERED, BUFFERED_PARTIAL, FULL_DUPLEX = (
-    _Mode.NONE,
-    _Mode.STREAMED,
-    _Mode.BUFFERED,
-    _Mode.BUFFERED_PARTIAL,
-    _Mode.FULL_DUPLEX_STREAMED,
-)
-MODE_NAMES = {value: name for name, value in _Mode.items()}
-
-ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
-ROUTE_ATTRIBUTE = "xds.route_name"
-
-_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-_APPEND = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
-
-# Answers that change nothing, built once.
-_CONTINUE = {
-    "request_headers": (pb.ProcessingResponse(request_headers=pb.HeadersResponse()),),
-    "response_headers": (pb.ProcessingResponse(response_headers=pb.HeadersResponse()),),
-    "request_body": (pb.ProcessingResponse(request_body=pb.BodyResponse()),),
-    "response_body": (pb.ProcessingResponse(response_body=pb.BodyResponse()),),
-    "request_trailers": (pb.ProcessingResponse(request_trailers=pb.TrailersResponse()),),
-    "response_trailers": (pb.ProcessingResponse(response_trailers=pb.TrailersResponse()),),
-}
-_NOTHING: tuple[pb.ProcessingResponse, ...] = ()
-
-# Largest full-duplex chunk sent back to Envoy: what Envoy itself sends (its 1 MiB buffer
-# limit); a plugin that emits more at once is answered in several chunks.
-MAX_STREAMED_CHUNK = 1024 * 1024
-
-
-def _streamed(kind: str, body: bytes, end: bool) -> pb.ProcessingResponse:
-    """A full-duplex body answer: ``body`` goes on as is, ``end`` closes the body.
-
-    Built in place: with protobuf's upb backend, handing a message to a constructor copies
-    it, so nesting constructors would copy a 1 MiB chunk once per level.
-    """
-    response = pb.ProcessingResponse()
-    streamed = getattr(response, kind).response.body_mutation.streamed_response
-    streamed.body = body
-    streamed.end_of_stream = end
-    return response
 
 
 async def _join(pieces: AsyncIterator[bytes]) -> bytes:
     return b"".join([piece async for piece in pieces])
-
-
-class StreamAborted(Exception):
-    """The exchange ended before a body it had started was complete (client gone, reset)."""
-
-
-class StreamFailed(Exception):
-    """The stream must end with a gRPC error: Envoy then fails the request (fail_closed)."""
-
-
-class ProtocolError(StreamFailed):
-    """The data plane broke the ext_proc protocol (a message out of order, a message with no
-    kind, an unknown body mode): the stream ends with INVALID_ARGUMENT."""
 
 
 # ProcessingRequest kind -> (direction attribute, part of the exchange it carries).
@@ -105,13 +63,14 @@ _PARTS = {
 class Router:
     """Picks a route's chain plan: by Envoy route name, else by path prefix, else ``default``.
 
-    ``hook_timers`` (``{(plugin, hook): HookTimer}``) and ``metrics`` are set when metrics are on.
+    With ``metrics``, every plugin hook the routes use is timed (``hook_timers``).
     """
 
-    hook_timers: dict | None = None
-    metrics: Metrics | None = None
-
-    def __init__(self, routes: dict[str, Route]) -> None:
+    def __init__(self, routes: dict[str, Route], metrics: Metrics | None = None) -> None:
+        self.metrics = metrics
+        self.hook_timers: dict[tuple[str, str], HookTimer] | None = (
+            metrics.bind(routes.values()) if metrics is not None else None
+        )
         self.plans = {name: ChainPlan.for_route(route) for name, route in routes.items()}
         self.default = self.plans["default"]
         self.prefixes = sorted(
@@ -133,50 +92,11 @@ class Router:
 
     def plan_for(self, req: pb.ProcessingRequest) -> ChainPlan:
         """The plan for a stream, from its first request (route attribute, else ``:path``)."""
-        route_name = None
-        if ATTRIBUTES_KEY in req.attributes:
-            value = req.attributes[ATTRIBUTES_KEY].fields.get(ROUTE_ATTRIBUTE)
-            if value is not None:
-                route_name = value.string_value
+        route_name = route_attribute(req)
         plan = self.plans.get(route_name) if route_name else None
         if plan is None:
-            path = None
-            if self.prefixes and req.HasField("request_headers"):
-                for h in req.request_headers.headers.headers:
-                    if h.key == ":path":
-                        path = h.raw_value.decode("latin-1") if h.raw_value else h.value
-                        break
-            plan = self.select(None, path)
+            plan = self.select(None, request_path(req) if self.prefixes else None)
         return plan
-
-
-def header_items(header_map: base_pb2.HeaderMap) -> list[tuple[str, str]]:
-    """Envoy's HeaderMap as (name, value) pairs; Envoy fills ``raw_value``, older ones ``value``."""
-    return [
-        (h.key, h.raw_value.decode("utf-8", "surrogateescape") if h.raw_value else h.value) for h in header_map.headers
-    ]
-
-
-def header_mutation(headers: Headers, extra: dict[str, str] | None = None) -> pb.HeaderMutation | None:
-    """The HeaderMutation for what plugins changed in ``headers`` (plus ``extra`` to set)."""
-    if not headers.changed and not extra:
-        return None
-    mutation = pb.HeaderMutation(remove_headers=sorted(headers.removed))
-    for name, value in {**headers.set_headers, **(extra or {})}.items():
-        mutation.set_headers.append(
-            base_pb2.HeaderValueOption(
-                header=base_pb2.HeaderValue(key=name, raw_value=value.encode("utf-8", "surrogateescape")),
-                append_action=_OVERWRITE,
-            )
-        )
-    for name, value in headers.appended:
-        mutation.set_headers.append(
-            base_pb2.HeaderValueOption(
-                header=base_pb2.HeaderValue(key=name, raw_value=value.encode("utf-8", "surrogateescape")),
-                append_action=_APPEND,
-            )
-        )
-    return mutation
 
 
 @dataclass
@@ -311,7 +231,7 @@ class StreamProcessor:
         d.body_expected = not msg.end_of_stream and d.mode != NONE
         chain = self._active()
         if chain is None:
-            return _CONTINUE[kind]
+            return CONTINUE[kind]
         # Plugins with hooks see both header blocks in StreamInfo, whichever hooks they have.
         headers = Headers(header_items(msg.headers))
         if d is self.request:
@@ -322,13 +242,15 @@ class StreamProcessor:
             self.info.response_has_body = not msg.end_of_stream
         hook = "on_request_headers" if d is self.request else "on_response_headers"
         if not self.plan.touches(hook):
-            return _CONTINUE[kind]
+            return CONTINUE[kind]
         await chain.headers(hook, headers)
         mutation = header_mutation(headers)
         if mutation is None:
-            return _CONTINUE[kind]
+            return CONTINUE[kind]
         self.altered = True
-        return (pb.ProcessingResponse(**{kind: pb.HeadersResponse(response=pb.CommonResponse(header_mutation=mutation))}),)
+        return (
+            pb.ProcessingResponse(**{kind: pb.HeadersResponse(response=pb.CommonResponse(header_mutation=mutation))}),
+        )
 
     async def _body(
         self, d: Direction, kind: str, msg: pb.HttpBody, req: pb.ProcessingRequest
@@ -356,12 +278,12 @@ class StreamProcessor:
             if out is not chunk:
                 self.altered = True
             if len(out) > MAX_STREAMED_CHUNK:
-                return self._streamed_pieces(kind, out, end)
+                return streamed_pieces(kind, out, end)
             if not out and not end:
-                return _NOTHING
-            return (_streamed(kind, out, end),)
+                return NOTHING
+            return (streamed(kind, out, end),)
         if out is chunk:
-            return _CONTINUE[kind]
+            return CONTINUE[kind]
         self.altered = True
         response = pb.ProcessingResponse()
         common = getattr(response, kind).response  # built in place, see _streamed
@@ -373,7 +295,9 @@ class StreamProcessor:
             common.header_mutation.CopyFrom(header_mutation(Headers(), {"content-length": str(len(out))}))
         return (response,)
 
-    async def _trailers(self, d: Direction, kind: str, trailer_map: base_pb2.HeaderMap) -> Sequence[pb.ProcessingResponse]:
+    async def _trailers(
+        self, d: Direction, kind: str, trailer_map: base_pb2.HeaderMap
+    ) -> Sequence[pb.ProcessingResponse]:
         chain = self._active()
         out: list[pb.ProcessingResponse] = []
         if not d.ended:
@@ -388,7 +312,7 @@ class StreamProcessor:
             if d.mode == FULL_DUPLEX:
                 if tail:
                     self.altered = True
-                    out.extend(self._streamed_pieces(f"{d.name}_body", tail, False))
+                    out.extend(streamed_pieces(f"{d.name}_body", tail, False))
             elif tail:
                 raise PluginError(
                     "(host)",
@@ -405,7 +329,7 @@ class StreamProcessor:
             await chain.headers(hook, trailers)
             mutation = header_mutation(trailers)
         if mutation is None:
-            out.extend(_CONTINUE[kind])
+            out.extend(CONTINUE[kind])
         else:
             self.altered = True
             out.append(pb.ProcessingResponse(**{kind: pb.TrailersResponse(header_mutation=mutation)}))
@@ -418,23 +342,14 @@ class StreamProcessor:
         try:
             async for piece in pieces:
                 d.bytes_out += len(piece)
-                for response in self._streamed_pieces(kind, piece, False):
+                for response in streamed_pieces(kind, piece, False):
                     yield response
         except PluginError as exc:
             for response in await self._plugin_failed(kind, req, exc):
                 yield response
             return
         if end:
-            yield _streamed(kind, b"", True)
-
-    @staticmethod
-    def _streamed_pieces(kind: str, data: bytes, end: bool) -> list[pb.ProcessingResponse]:
-        """``data`` as full-duplex chunks of at most MAX_STREAMED_CHUNK; ``end`` on the last."""
-        size = len(data)
-        return [
-            _streamed(kind, data[start : start + MAX_STREAMED_CHUNK], end and start + MAX_STREAMED_CHUNK >= size)
-            for start in range(0, size, MAX_STREAMED_CHUNK)
-        ]
+            yield streamed(kind, b"", True)
 
     def _log_failure(self, exc: PluginError) -> None:
         log.error(
@@ -446,11 +361,13 @@ class StreamProcessor:
             exc_info=exc.error,
         )
 
-    async def _plugin_failed(self, kind: str | None, req: pb.ProcessingRequest, exc: PluginError) -> Sequence[pb.ProcessingResponse]:
+    async def _plugin_failed(
+        self, kind: str | None, req: pb.ProcessingRequest, exc: PluginError
+    ) -> Sequence[pb.ProcessingResponse]:
         if isinstance(exc.error, Reject) and not self.response.body_seen:
             self.error = exc.error
             self.finished = True
-            return (self._immediate(exc.error),)
+            return (immediate_response(exc.error),)
         self._log_failure(exc)
         self.error = exc
         if self.plan.route.failure_policy == "fail_open" and not self.altered:
@@ -459,16 +376,6 @@ class StreamProcessor:
             await self.close_plugins(exc)
             return await self._dispatch(kind, req)
         raise StreamFailed(str(exc)) from exc
-
-    def _immediate(self, reject: Reject) -> pb.ProcessingResponse:
-        headers = Headers()
-        for name, value in reject.headers.items():
-            headers.set(name, value)
-        immediate = pb.ImmediateResponse(status=http_status_pb2.HttpStatus(code=reject.status), body=reject.body)
-        mutation = header_mutation(headers)
-        if mutation is not None:
-            immediate.headers.CopyFrom(mutation)
-        return pb.ProcessingResponse(immediate_response=immediate)
 
     def incomplete(self) -> str | None:
         """Which body was cut short, if any."""

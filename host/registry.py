@@ -10,49 +10,22 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pluggy
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from . import hookspecs
+from .errors import ConfigError
 from .plugin import Plugin, overridden_hooks
-from .settings import ConfigError, Settings, describe_validation_error
+from .routes import ChainLink, PluginInfo, Route
+from .settings import Settings, describe_validation_error, load_settings
 
 ENTRY_POINT_GROUP = "extproc_host.plugins"
 
 log = logging.getLogger("extproc_host.registry")
-
-
-@dataclass(frozen=True)
-class PluginInfo:
-    """An installed plugin class and where it came from."""
-
-    name: str
-    cls: type[Plugin]
-    distribution: str
-    version: str
-    hooks: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class ChainLink:
-    """One plugin of a route's chain with the settings validated for that route."""
-
-    info: PluginInfo
-    settings: BaseModel
-
-
-@dataclass(frozen=True)
-class Route:
-    """A settings route made ready to serve: its chain with validated settings."""
-
-    name: str
-    chain: tuple[ChainLink, ...]
-    failure_policy: str
-    path_prefix: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
 
 
 def make_plugin_manager(
@@ -67,7 +40,9 @@ def make_plugin_manager(
         try:
             module = importlib.import_module(name)
         except ImportError as exc:
-            raise ConfigError(f"{source}: key 'server.plugin_modules[{index}]': cannot import '{name}': {exc}") from None
+            raise ConfigError(
+                f"{source}: key 'server.plugin_modules[{index}]': cannot import '{name}': {exc}"
+            ) from None
         if pm.is_registered(module):
             continue
         pm.register(module, name=name)
@@ -121,7 +96,9 @@ def build_routes(settings: Settings, plugins: dict[str, PluginInfo], source: str
         problems.append(f"{source}: key 'routes.default': required: the route for traffic no other route matches")
     for name in settings.plugins:
         if name not in plugins:
-            problems.append(f"{source}: key 'plugins.{name}': no plugin named '{name}' is installed; installed: {installed}")
+            problems.append(
+                f"{source}: key 'plugins.{name}': no plugin named '{name}' is installed; installed: {installed}"
+            )
     routes: dict[str, Route] = {}
     for route_name, route in settings.routes.items():
         links: list[ChainLink] = []
@@ -137,7 +114,11 @@ def build_routes(settings: Settings, plugins: dict[str, PluginInfo], source: str
             try:
                 links.append(ChainLink(info, info.cls.Settings.model_validate(merged)))
             except ValidationError as exc:
-                where = ("routes", route_name, "plugins", plugin_name) if plugin_name in route.plugins else ("plugins", plugin_name)
+                where = (
+                    ("routes", route_name, "plugins", plugin_name)
+                    if plugin_name in route.plugins
+                    else ("plugins", plugin_name)
+                )
                 problems.append(describe_validation_error(source, exc, where))
         for plugin_name in route.plugins:
             if plugin_name not in route.chain:
@@ -150,3 +131,25 @@ def build_routes(settings: Settings, plugins: dict[str, PluginInfo], source: str
         raise ConfigError("\n".join(dict.fromkeys(problems)))
     return routes
 
+
+@dataclass(frozen=True)
+class LoadedHost:
+    """Everything a command needs from a settings file, all checked: the settings, the plugin
+    manager, the installed plugins and the routes ready to serve."""
+
+    source: str
+    settings: Settings
+    pm: pluggy.PluginManager
+    plugins: dict[str, PluginInfo]
+    routes: dict[str, Route]
+
+
+def load_host(config: str | Path | None) -> LoadedHost:
+    """Read ``config`` (None: defaults and the environment), load the plugins, build and check
+    every route; :class:`ConfigError` on any problem. Every command starts here."""
+    source = str(config) if config is not None else "environment"
+    settings = load_settings(config)
+    pm = make_plugin_manager(modules=settings.server.plugin_modules, source=source)
+    plugins = discover(pm)
+    routes = build_routes(settings, plugins, source)
+    return LoadedHost(source, settings, pm, plugins, routes)

@@ -15,12 +15,14 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf.message import DecodeError
 
-from .admission import count_stream, cut_short_reason, refuse_stream
+from .admission import Admission
+from .errors import ProtocolError, StreamAborted, StreamFailed
 from .health import Health
 from .listeners import ListenAddress, Listener, parse_address
 from .logs import current_stream
 from .metrics import Metrics
-from .processor import ProtocolError, Router, StreamAborted, StreamFailed, StreamProcessor
+from .processor import Router, StreamProcessor
+from .routes import Route
 from .settings import Settings, parse_listen
 
 log = logging.getLogger("extproc_host.server")
@@ -33,30 +35,32 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         self,
         router: Router,
         pm: pluggy.PluginManager | None = None,
-        metrics: Metrics | None = None,
+        *,
         max_streams: int = 0,
         max_message_bytes: int = 0,
     ) -> None:
         self.router = router
         self.pm = pm
-        self.metrics = metrics
-        self.max_streams = max_streams  # 0: no limit
-        self.max_message_bytes = max_message_bytes  # for the error message when one is too large
-        self.accepting = True  # False once shutdown starts: new streams are refused
+        self.admission = Admission(router, router.metrics, max_streams, max_message_bytes)
         self._ids = itertools.count(1)
         self._announce = pm is not None and bool(pm.hook.stream_finished.get_hookimpls())
         self._finishing: set[asyncio.Future[None]] = set()
-        self.active = 0  # streams whose plugins are not closed yet
+
+    @property
+    def active(self) -> int:
+        """Streams whose plugins are not closed yet."""
+        return self.admission.active
 
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ProcessingResponse]:
-        if not self.accepting or (self.max_streams and self.active >= self.max_streams):
-            await refuse_stream(self, request_iterator, context)
+        admission = self.admission
+        if not admission.admits():
+            await admission.refuse(request_iterator, context)
         stream = StreamProcessor(self.router, str(next(self._ids)))
         current_stream.set(stream)
         error: BaseException | None = None
-        self.active += 1
+        admission.active += 1
         try:
             async for request in request_iterator:
                 responses = await stream.handle(request)
@@ -73,7 +77,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             else:
                 cut = stream.incomplete()
                 if cut:  # gRPC dropped a message over the size limit and ended Envoy's side
-                    error = StreamAborted(cut_short_reason(cut, self.max_message_bytes))
+                    error = StreamAborted(admission.cut_short_reason(cut))
                     log.warning("%s", error)
         except (ProtocolError, DecodeError) as exc:  # DecodeError: bytes that are not a ProcessingRequest
             error = exc if isinstance(exc, ProtocolError) else ProtocolError(f"undecodable ProcessingRequest: {exc}")
@@ -89,9 +93,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             raise
         finally:
             if stream.chain is None and not self._announce:
-                self.active -= 1  # no plugin instance to close and nobody to tell
-                if self.metrics is not None:
-                    count_stream(self.metrics, stream, error)
+                admission.active -= 1  # no plugin instance to close and nobody to tell
+                admission.count(stream, error)
             else:
                 # Shielded: a second cancel (server shutdown) must not cut the plugins' close short.
                 finishing = asyncio.ensure_future(self._finish(stream, error))
@@ -102,14 +105,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     async def _finish(self, stream: StreamProcessor, error: BaseException | None) -> None:
         try:
             error = await stream.finish(error)
-            if self.metrics is not None:
-                count_stream(self.metrics, stream, error)
+            self.admission.count(stream, error)
             if error is not None and not isinstance(error, StreamFailed):
                 log.debug("stream %s route %s ended: %s", stream.stream_id, stream.route_name, error)
             if self._announce and stream.plan is not None:
                 self.pm.hook.stream_finished(stream=stream.stream_info(), error=error)
         finally:
-            self.active -= 1
+            self.admission.active -= 1
 
     async def drain(self, timeout: float = 30.0) -> None:
         """Wait until every stream that started has closed its plugins (or ``timeout``)."""
@@ -129,7 +131,8 @@ def server_options(settings: Settings, reuse_port: bool = False) -> list[tuple[s
     # A fixed per-stream receive window bounds what gRPC reads ahead of a slow chain; BDP
     # probing would grow it (and the host's memory) with the link's bandwidth-delay product.
     flow = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", window)] if window else []
-    return flow + [
+    return [
+        *flow,
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
         # One process: fail loudly when the port is taken instead of silently sharing it.
@@ -140,7 +143,7 @@ def server_options(settings: Settings, reuse_port: bool = False) -> list[tuple[s
 
 async def serve(
     settings: Settings,
-    router: Router,
+    routes: dict[str, Route],
     pm: pluggy.PluginManager,
     listen: str | None = None,
     *,
@@ -151,9 +154,13 @@ async def serve(
     as a worker, calls ``on_ready(ADDRESS)`` instead (its supervisor prints the line)."""
     listener = Listener(parse_address(listen or settings.server.listen), settings.server.tls)
     server = grpc.aio.server(options=server_options(settings, reuse_port))
-    metrics = start_metrics(settings, router)
+    metrics = start_metrics(settings)
+    router = Router(routes, metrics)
     servicer = ExternalProcessor(
-        router, pm, metrics, settings.server.max_concurrent_streams, settings.server.max_message_bytes
+        router,
+        pm,
+        max_streams=settings.server.max_concurrent_streams,
+        max_message_bytes=settings.server.max_message_bytes,
     )
     pb_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
     health = Health(server)
@@ -186,15 +193,13 @@ async def serve(
         metrics.close()
 
 
-def start_metrics(settings: Settings, router: Router) -> Metrics | None:
+def start_metrics(settings: Settings) -> Metrics | None:
     """The metrics and their exporter when ``[server] metrics_listen`` is set; prints
     ``extproc-host metrics on http://HOST:PORT/metrics`` once bound."""
     address = settings.server.metrics_listen
     if address is None:
         return None
     metrics = Metrics()
-    router.metrics = metrics
-    router.hook_timers = metrics.bind(plan.route for plan in router.plans.values())
     host, port = parse_listen(address)
     try:
         bound = metrics.serve(host, port)
@@ -216,7 +221,7 @@ async def graceful_stop(
     new call, health checks included, and then cancel open streams at the end of the grace.
     """
     await health.shutting_down()
-    servicer.accepting = False
+    servicer.admission.accepting = False
     log.info("shutting down: new streams refused, waiting up to %.1fs for %d open streams", grace, servicer.active)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace

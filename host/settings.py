@@ -27,15 +27,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from .errors import ConfigError
 from .listeners import TlsSettings, parse_address, split_host_port
 
 DEFAULT_LISTEN = "127.0.0.1:9001"
 
 _toml_file: ContextVar[Path | None] = ContextVar("_toml_file", default=None)
-
-
-class ConfigError(Exception):
-    """A settings problem, worded for the person who wrote the file."""
 
 
 def parse_listen(value: str) -> tuple[str, int]:

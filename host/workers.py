@@ -147,7 +147,7 @@ class Supervisor:
     def _wait_ready(self, pipes: dict[int, int]) -> None:
         deadline = time.monotonic() + self.ready_timeout
         waiting = dict(pipes)
-        received: dict[int, bytes] = {fd: b"" for fd in pipes}
+        received: dict[int, bytes] = dict.fromkeys(pipes, b"")
         while waiting and not self.stopping:
             left = deadline - time.monotonic()
             if left <= 0:

@@ -125,7 +125,7 @@ class FileTeeSettings(BaseModel):
         except ValueError as exc:
             raise ValueError(f"not a valid template: {exc}") from None
         allowed = ", ".join("{" + f + "}" for f in NAME_FIELDS)
-        for literal, field, spec, conversion in parsed:
+        for _literal, field, spec, conversion in parsed:
             if field is None:
                 continue
             if field not in NAME_FIELDS:
@@ -149,8 +149,21 @@ class _BodyFile:
     in the shared worker pool, finished (renamed or removed) by the last job."""
 
     __slots__ = (
-        "settings", "label", "directory", "name", "tmp_path", "fd", "pending", "pending_bytes",
-        "job", "waiter", "accepted", "truncated", "error", "outcome", "done",
+        "accepted",
+        "directory",
+        "done",
+        "error",
+        "fd",
+        "job",
+        "label",
+        "name",
+        "outcome",
+        "pending",
+        "pending_bytes",
+        "settings",
+        "tmp_path",
+        "truncated",
+        "waiter",
     )  # fmt: skip
 
     def __init__(self, settings: FileTeeSettings, name: str, label: str) -> None:

@@ -297,9 +297,7 @@ class Zstd(Plugin):
             if size == 0 or size < self.settings.min_bytes:
                 return False
         media = media_type(headers.get("content-type"))
-        if media is not None and type_matches(media, self.settings.skip_content_types):
-            return False
-        return True
+        return not (media is not None and type_matches(media, self.settings.skip_content_types))
 
     @staticmethod
     def _add_vary(headers: Headers) -> None:

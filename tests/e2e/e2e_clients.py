@@ -126,9 +126,7 @@ async def h1_request(
             return await _hash_aiohttp(response)
 
 
-async def h2_request(
-    url: str, method: str = "POST", body: Payload | None = None, *, chunked: bool = False
-) -> Echoed:
+async def h2_request(url: str, method: str = "POST", body: Payload | None = None, *, chunked: bool = False) -> Echoed:
     """One h2c request (HTTP/2 with prior knowledge) with httpx; the body is sent with a
     content-length, or (``chunked=True``) from an async generator without one."""
     async with httpx.AsyncClient(http1=False, http2=True, timeout=120) as client:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import weakref
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -47,7 +48,7 @@ class Sleepy(Plugin):
 
     name = "sleepy"
     Settings = SleepySettings
-    alive: weakref.WeakSet[Sleepy] = weakref.WeakSet()  # every instance not yet collected
+    alive: ClassVar[weakref.WeakSet[Sleepy]] = weakref.WeakSet()  # every instance not yet collected
 
     def __init__(self, settings, stream):
         super().__init__(settings, stream)

@@ -35,7 +35,7 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
 
 
 class Processor(pb_grpc.ExternalProcessorServicer):
-    async def Process(self, request_iterator, context):  # noqa: N802 (gRPC method name)
+    async def Process(self, request_iterator, context):
         route = ""
         modes = (0, 0)
         sizes: dict[str, list[int]] = {"request_body": [], "response_body": []}
@@ -67,9 +67,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                 if fd:
                     common = pb.CommonResponse(
                         body_mutation=pb.BodyMutation(
-                            streamed_response=pb.StreamedBodyResponse(
-                                body=body.body, end_of_stream=body.end_of_stream
-                            )
+                            streamed_response=pb.StreamedBodyResponse(body=body.body, end_of_stream=body.end_of_stream)
                         )
                     )
                     yield pb.ProcessingResponse(**{kind: pb.BodyResponse(response=common)})

@@ -16,10 +16,10 @@ import asyncio
 import hashlib
 
 import pytest
-from e2e_clients import KiB, MiB, ROUTE_PATHS, h1_request, h2_request
+from e2e_clients import ROUTE_PATHS, KiB, MiB, h1_request, h2_request
 
-from extproc_host.echo import pattern
 from extproc_host.stack import Stack
+from extproc_host.stack.echo_common import pattern
 
 pytestmark = pytest.mark.e2e
 

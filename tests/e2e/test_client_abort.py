@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from e2e_clients import abandon_upload
 
 from extproc_host.stack import Stack
@@ -65,7 +64,10 @@ def test_complete_upload_closes_plugins_without_error(recording_stack, route):
     before = len(records(record, 0))
     sock = socket.create_connection(("127.0.0.1", stack.envoy_port), timeout=10)
     body = b"b" * 300_000
-    sock.sendall(f"POST /{route} HTTP/1.1\r\nHost: test\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+    sock.sendall(
+        f"POST /{route} HTTP/1.1\r\nHost: test\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        + body
+    )
     received = b""
     while chunk := sock.recv(65536):
         received += chunk

@@ -142,7 +142,7 @@ def test_dockerfile_files_install_the_project(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     wheel = next(tmp_path.glob("extproc_host-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert "extproc_host/cli.py" in names and "extproc_host/echo_h2.py" in names
+    assert "extproc_host/cli.py" in names and "extproc_host/stack/echo_h2.py" in names
     assert "extproc_host_plugins/file_tee/__init__.py" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()

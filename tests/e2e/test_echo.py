@@ -19,8 +19,8 @@ import psutil
 import pytest
 from e2e_clients import Echoed, MiB, Payload, h1_request, h2_request
 
-from extproc_host.echo import pattern
 from extproc_host.stack import Stack, extproc_host_command
+from extproc_host.stack.echo_common import pattern
 
 pytestmark = pytest.mark.e2e
 
@@ -55,8 +55,19 @@ class PeakRss:
 
 def curl_h2c_upload(url: str, body: Payload) -> Echoed:
     """POST ``body`` over h2c (prior knowledge) with curl, hashing the response as it streams."""
-    cmd = ["curl", "-sS", "--fail", "--http2-prior-knowledge", "-X", "POST", "-T", str(body.path),
-           "-w", "%{stderr}HTTP/%{http_version}", url]
+    cmd = [
+        "curl",
+        "-sS",
+        "--fail",
+        "--http2-prior-knowledge",
+        "-X",
+        "POST",
+        "-T",
+        str(body.path),
+        "-w",
+        "%{stderr}HTTP/%{http_version}",
+        url,
+    ]
     digest, size = hashlib.sha256(), 0
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as curl:
         assert curl.stdout is not None and curl.stderr is not None

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_extproc_env")]
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS_FILES = sorted((ROOT / "config").glob("*.toml"))
-ENVOY_FILES = sorted((ROOT / "envoy").glob("*.yaml")) + [ROOT / "deploy" / "envoy.yaml"]
+ENVOY_FILES = [*sorted((ROOT / "envoy").glob("*.yaml")), ROOT / "deploy" / "envoy.yaml"]
 REGENERATE = "#   extproc-host envoy-config "
 
 
@@ -37,11 +37,23 @@ def test_every_settings_file_renders_a_config_envoy_accepts(settings: Path, tmp_
 def test_options_render_a_config_envoy_accepts(tmp_path: Path) -> None:
     """Hostnames (STRICT_DNS), a unix socket for the host, other ports, IPv6 listener."""
     out = tmp_path / "envoy.yaml"
-    options = ["--listen", "[::]:10080", "--admin-port", "10081", "--upstream", "localhost:8081",
-               "--host-address", f"unix:{tmp_path}/host.sock", "--message-timeout", "0.5"]
+    options = [
+        "--listen",
+        "[::]:10080",
+        "--admin-port",
+        "10081",
+        "--upstream",
+        "localhost:8081",
+        "--host-address",
+        f"unix:{tmp_path}/host.sock",
+        "--message-timeout",
+        "0.5",
+    ]
     assert main(["envoy-config", "--config", str(ROOT / "config/full_duplex.toml"), "-o", str(out), *options]) == 0
     validate(out)
-    assert main(["envoy-config", "--config", str(ROOT / "config/full_duplex.toml"), "-o", str(out), "--no-ext-proc"]) == 0
+    assert (
+        main(["envoy-config", "--config", str(ROOT / "config/full_duplex.toml"), "-o", str(out), "--no-ext-proc"]) == 0
+    )
     validate(out)
 
 
@@ -85,10 +97,9 @@ chain = ["passthrough"]
 
 
 async def post(url: str, body: bytes) -> bytes:
-    async with aiohttp.ClientSession() as session:
-        async with session.post(url, data=body) as resp:
-            assert resp.status == 200
-            return await resp.read()
+    async with aiohttp.ClientSession() as session, session.post(url, data=body) as resp:
+        assert resp.status == 200
+        return await resp.read()
 
 
 def test_response_only_chain_gets_only_response_bodies(tmp_path: Path) -> None:

@@ -48,7 +48,9 @@ async def test_envoy_stops_counting_a_host_that_is_shutting_down(tmp_path: Path,
             return stack.envoy_stats(r"cluster\.extproc\.membership_healthy").get(HEALTHY, -1)
 
         await asyncio.to_thread(wait_until, lambda: healthy() == 1, 15, "Envoy to find the host healthy")
-        assert stack.envoy_stats(r"cluster\.extproc\.health_check\.success")["cluster.extproc.health_check.success"] >= 1
+        assert (
+            stack.envoy_stats(r"cluster\.extproc\.health_check\.success")["cluster.extproc.health_check.success"] >= 1
+        )
 
         upload = PausedUpload(body.path, pause_after=2 * MiB)
         task = asyncio.create_task(h1_request(stack.url + ROUTE, body=body, content=upload.chunks()))

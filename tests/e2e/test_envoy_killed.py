@@ -25,10 +25,9 @@ UPLOADS = 3
 async def upload(url: str, body: PausedUpload) -> object:
     """POST ``body``; the status, or the client error when the connection is cut."""
     try:
-        async with aiohttp.ClientSession() as session:
-            async with session.post(url, data=body.chunks()) as response:
-                await response.read()
-                return response.status
+        async with aiohttp.ClientSession() as session, session.post(url, data=body.chunks()) as response:
+            await response.read()
+            return response.status
     except aiohttp.ClientError as exc:
         return exc
 
@@ -47,8 +46,10 @@ def test_envoy_killed_mid_upload_leaves_only_partial_files(tmp_path: Path, paylo
             await asyncio.wait_for(asyncio.gather(*(b.paused.wait() for b in bodies)), timeout=30)
             # Every upload is mid-body and its stream open in the host: kill Envoy.
             await asyncio.to_thread(
-                wait_until, lambda: sample(scrape(stack.metrics_url), "extproc_active_streams") == UPLOADS,
-                10.0, f"{UPLOADS} open streams",
+                wait_until,
+                lambda: sample(scrape(stack.metrics_url), "extproc_active_streams") == UPLOADS,
+                10.0,
+                f"{UPLOADS} open streams",
             )
             stack.send_signal("envoy", signal.SIGKILL)
             stack.wait_exit("envoy", timeout=10)

@@ -46,9 +46,7 @@ SHOUT_ROUTES = ["full-duplex-streamed", "streamed", "buffered"]
 
 def _pip(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "pip", *args], capture_output=True, text=True, env=env, timeout=600
-    )
+    return subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, env=env, timeout=600)
 
 
 def _installed() -> bool:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from e2e_clients import abandon_upload, ROUTE_PATHS, MiB, Payload, h1_request, h2_request
+from e2e_clients import ROUTE_PATHS, MiB, Payload, abandon_upload, h1_request, h2_request
 
 from extproc_host.stack import Stack
 

@@ -70,7 +70,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def host_config(directory: Path, tls: str = "") -> Path:
     config = directory / "host.toml"
-    config.write_text(f'[server]\nplugin_modules = ["tests.e2e.worker_plugins"]\nlog_level = "warning"\n{tls}\n{ROUTES}')
+    config.write_text(
+        f'[server]\nplugin_modules = ["tests.e2e.worker_plugins"]\nlog_level = "warning"\n{tls}\n{ROUTES}'
+    )
     return config
 
 
@@ -115,7 +117,10 @@ def host_stack(directory: Path, tls: str = "", **stack_args) -> Stack:
     """Envoy (envoy/full_duplex.yaml), echo, and the host with the ``worker_pid`` test plugin
     and ``tls`` settings; ``stack_args`` go to Stack (host_listen, envoy_edit, host_args)."""
     return Stack(
-        "envoy/full_duplex.yaml", host_config=host_config(directory, tls), host_env={"PYTHONPATH": PYTHONPATH}, **stack_args
+        "envoy/full_duplex.yaml",
+        host_config=host_config(directory, tls),
+        host_env={"PYTHONPATH": PYTHONPATH},
+        **stack_args,
     )
 
 
@@ -206,7 +211,9 @@ def test_mutual_tls(tmp_path: Path, pki: dict[str, Path], payload) -> None:
         assert stack.envoy_stats(r"cluster\.extproc\.ssl\.handshake")["cluster.extproc.ssl.handshake"] >= 1
 
 
-def test_mutual_tls_refuses_an_envoy_without_a_client_certificate(tmp_path: Path, pki: dict[str, Path], payload) -> None:
+def test_mutual_tls_refuses_an_envoy_without_a_client_certificate(
+    tmp_path: Path, pki: dict[str, Path], payload
+) -> None:
     with host_stack(tmp_path, tls_settings(pki, mutual=True), envoy_edit=envoy_tls(pki["ca"])) as stack:
         assert refused(stack, payload(1 * KiB)) == 500
 
@@ -216,18 +223,21 @@ def test_mutual_tls_refuses_a_client_certificate_from_another_ca(tmp_path: Path,
     cert, key = tmp_path / "other-client.pem", tmp_path / "other-client.key"
     other.cert_chain_pems[0].write_to_path(str(cert))
     other.private_key_pem.write_to_path(str(key))
-    with host_stack(tmp_path, tls_settings(pki, mutual=True), envoy_edit=envoy_tls(pki["ca"], client=(cert, key))) as stack:
+    with host_stack(
+        tmp_path, tls_settings(pki, mutual=True), envoy_edit=envoy_tls(pki["ca"], client=(cert, key))
+    ) as stack:
         assert refused(stack, payload(1 * KiB)) == 500
 
 
 def test_bad_tls_settings_stop_the_host_with_status_2(tmp_path: Path, pki: dict[str, Path]) -> None:
     config = tmp_path / "host.toml"
     config.write_text(f'[server.tls]\ncert_file = "{pki["server_cert"]}"\nkey_file = "{tmp_path}/missing.key"\n')
-    result = subprocess.run([*extproc_host_command(), "--config", str(config)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [*extproc_host_command(), "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2
     assert f"{config}: key 'server.tls.key_file'" in result.stderr
     assert "missing.key" in result.stderr
-
 
 
 def test_mutual_tls_on_a_unix_socket(short_dir: Path, pki: dict[str, Path], payload) -> None:

@@ -81,7 +81,9 @@ def test_metrics_count_streams_bytes_and_hook_calls(ops_stack):
     for direction in ("request", "response"):
         for way in ("in", "out"):
             labels = {"route": ROUTE, "direction": direction, "way": way}
-            grown = sample(after, "extproc_body_bytes_total", **labels) - sample(before, "extproc_body_bytes_total", **labels)
+            grown = sample(after, "extproc_body_bytes_total", **labels) - sample(
+                before, "extproc_body_bytes_total", **labels
+            )
             assert grown == len(body), (direction, way, grown)
     calls = {"plugin": "fail_on_chunk", "hook": "on_request_body"}
     assert sample(after, "extproc_plugin_hook_seconds_count", **calls) > sample(
@@ -105,9 +107,12 @@ def test_failing_plugin_is_counted_and_its_json_log_lines_carry_the_stream_id(op
 
     def counted():
         now = scrape(ops_stack.metrics_url)
-        return now if sample(now, "extproc_plugin_errors_total", plugin="fail_on_chunk") > sample(
-            before, "extproc_plugin_errors_total", plugin="fail_on_chunk"
-        ) else None
+        return (
+            now
+            if sample(now, "extproc_plugin_errors_total", plugin="fail_on_chunk")
+            > sample(before, "extproc_plugin_errors_total", plugin="fail_on_chunk")
+            else None
+        )
 
     after = wait_until(counted, 10, "the plugin error to be counted")
     failed = sample(after, "extproc_streams_total", route=ROUTE, outcome="failed")
@@ -136,7 +141,10 @@ async def test_streams_beyond_max_concurrent_streams_are_refused(ops_stack, payl
 
     refusals = [r for r in _json_records(ops_stack) if "max_concurrent_streams" in r["message"]]
     assert refusals and refusals[-1]["level"] == "WARNING", refusals
-    assert f"route {ROUTE}:" in refusals[-1]["message"] and "limit ([server] max_concurrent_streams) is 1" in refusals[-1]["message"]
+    assert (
+        f"route {ROUTE}:" in refusals[-1]["message"]
+        and "limit ([server] max_concurrent_streams) is 1" in refusals[-1]["message"]
+    )
     after = await asyncio.to_thread(scrape, ops_stack.metrics_url)
     refused = sample(after, "extproc_streams_total", route=ROUTE, outcome="refused")
     assert refused - sample(before, "extproc_streams_total", route=ROUTE, outcome="refused") == 1

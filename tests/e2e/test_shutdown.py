@@ -73,13 +73,14 @@ async def test_sigterm_mid_upload_finishes_it_and_exits_0(tmp_path, payload):
 
         stack.send_signal("host", signal.SIGTERM)
         # NOT_SERVING during the grace period, while the upload is still in flight.
-        await asyncio.to_thread(
-            wait_until, lambda: health_status(stack.host_port) == NOT_SERVING, 10, "NOT_SERVING"
-        )
+        await asyncio.to_thread(wait_until, lambda: health_status(stack.host_port) == NOT_SERVING, 10, "NOT_SERVING")
         assert health_status(stack.host_port, "") == NOT_SERVING
         # The container health check command says so too, with a failing exit status.
         probe = subprocess.run(
-            [*extproc_host_command(), "health", f"127.0.0.1:{stack.host_port}"], capture_output=True, text=True, timeout=60
+            [*extproc_host_command(), "health", f"127.0.0.1:{stack.host_port}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert (probe.returncode, probe.stdout.strip()) == (1, "NOT_SERVING")
         assert not task.done()

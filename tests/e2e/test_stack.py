@@ -13,10 +13,10 @@ import aiohttp
 import psutil
 import pytest
 import yaml
-from e2e_clients import MiB, ROUTE_PATHS, h1_request
+from e2e_clients import ROUTE_PATHS, MiB, h1_request
 
-from extproc_host.echo import pattern
 from extproc_host.stack import PROJECT_ROOT, Stack, StackError, rewrite_envoy_config, validate_envoy_config
+from extproc_host.stack.echo_common import pattern
 
 pytestmark = pytest.mark.e2e
 
@@ -95,9 +95,8 @@ def test_direct_envoy_and_echo() -> None:
 
 
 def test_rss_sampler_records_peaks() -> None:
-    with Stack("envoy/direct.yaml", host_config=None) as stack:
-        with stack.sampler(interval=0.05) as rss:
-            asyncio.run(asyncio.sleep(0.3))
+    with Stack("envoy/direct.yaml", host_config=None) as stack, stack.sampler(interval=0.05) as rss:
+        asyncio.run(asyncio.sleep(0.3))
     assert len(rss.samples) >= 3
     assert rss.peak_envoy >= max(s.envoy for s in rss.samples) > 0
     assert rss.peak_host == 0

@@ -56,7 +56,8 @@ def h2_post_with_trailers(port: int, path: str, body: bytes, trailers: list[tupl
     sock.sendall(conn.data_to_send())
     sid = conn.get_next_available_stream_id()
     conn.send_headers(
-        sid, [(":method", "POST"), (":path", path), (":scheme", "http"), (":authority", "localhost"), ("te", "trailers")]
+        sid,
+        [(":method", "POST"), (":path", path), (":scheme", "http"), (":authority", "localhost"), ("te", "trailers")],
     )
     frame = conn.max_outbound_frame_size
     for offset in range(0, len(body), frame):  # bodies here stay inside the initial window

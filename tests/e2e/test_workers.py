@@ -46,7 +46,9 @@ def recycle_extproc_connections(config: dict) -> None:
     open a new one every 2 streams, so that SO_REUSEPORT spreads many connections."""
     for cluster in config["static_resources"]["clusters"]:
         if cluster["name"] == "extproc":
-            options = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+            options = cluster["typed_extension_protocol_options"][
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+            ]
             options["common_http_protocol_options"] = {"max_requests_per_connection": 2}
 
 

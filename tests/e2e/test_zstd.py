@@ -71,13 +71,15 @@ def _decode(headers: dict[str, str], raw: bytes) -> bytes:
 
 async def _h1(url: str, content: bytes, headers: dict[str, str]) -> Got:
     # Only the accept-encoding the test gives: none at all when it gives none.
-    async with aiohttp.ClientSession(
-        auto_decompress=False, timeout=aiohttp.ClientTimeout(total=120), skip_auto_headers=["Accept-Encoding"]
-    ) as session:
-        async with session.post(url, data=content, headers=headers) as response:
-            raw = await response.read()
-            got = {k.lower(): v for k, v in response.headers.items()}
-            return Got(response.status, got, raw, _decode(got, raw))
+    async with (
+        aiohttp.ClientSession(
+            auto_decompress=False, timeout=aiohttp.ClientTimeout(total=120), skip_auto_headers=["Accept-Encoding"]
+        ) as session,
+        session.post(url, data=content, headers=headers) as response,
+    ):
+        raw = await response.read()
+        got = {k.lower(): v for k, v in response.headers.items()}
+        return Got(response.status, got, raw, _decode(got, raw))
 
 
 async def _h2(url: str, content: bytes, headers: dict[str, str]) -> Got:
@@ -144,7 +146,9 @@ def _body(size: int) -> bytes:
         if i % 2:
             out += rng.randbytes(64 * KiB)
         else:
-            out += b"".join(b"line %d of some very compressible text\n" % (i * 1000 + j) for j in range(1600))[: 64 * KiB]
+            out += b"".join(b"line %d of some very compressible text\n" % (i * 1000 + j) for j in range(1600))[
+                : 64 * KiB
+            ]
         i += 1
     return bytes(out[:size])
 
@@ -200,7 +204,9 @@ async def test_empty_response_decodes_to_nothing(zstd_stack, route, client):
 async def test_already_compressed_types_are_left_alone(zstd_stack):
     body = _body(100 * KiB)
     got = await _h1(
-        zstd_stack.url + ROUTE_PATHS["full-duplex-streamed"], body, {"accept-encoding": "zstd", "content-type": "image/png"}
+        zstd_stack.url + ROUTE_PATHS["full-duplex-streamed"],
+        body,
+        {"accept-encoding": "zstd", "content-type": "image/png"},
     )
     assert got.status == 200 and "content-encoding" not in got.headers and got.raw == body
 

@@ -16,6 +16,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 
+from extproc_host.metrics import Metrics
 from extproc_host.processor import Router
 from extproc_host.registry import build_routes, discover, make_plugin_manager
 from extproc_host.server import ExternalProcessor, server_options
@@ -53,7 +54,9 @@ def request_headers(
 
 def response_headers(end_of_stream: bool = False, extra: dict[str, str] | None = None) -> pb.ProcessingRequest:
     headers = {":status": "200", **(extra or {})}
-    return pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=header_map(headers), end_of_stream=end_of_stream))
+    return pb.ProcessingRequest(
+        response_headers=pb.HttpHeaders(headers=header_map(headers), end_of_stream=end_of_stream)
+    )
 
 
 def request_body(data: bytes, end: bool = False) -> pb.ProcessingRequest:
@@ -85,7 +88,9 @@ class Conversation:
 
     def streamed(self, kind: str) -> tuple[bytes, list[bool]]:
         """Joined full-duplex body of ``kind`` and the end_of_stream flags seen."""
-        parts = [r for r in self.of(kind) if r.__getattribute__(kind).response.body_mutation.HasField("streamed_response")]
+        parts = [
+            r for r in self.of(kind) if r.__getattribute__(kind).response.body_mutation.HasField("streamed_response")
+        ]
         flags = [getattr(r, kind).response.body_mutation.streamed_response.end_of_stream for r in parts]
         return b"".join(getattr(r, kind).response.body_mutation.streamed_response.body for r in parts), flags
 
@@ -132,7 +137,10 @@ class FakeEnvoy:
 
 @contextlib.asynccontextmanager
 async def fake_envoy(
-    config_path: str, *extra_plugin_modules: object, servicer_class: type[ExternalProcessor] = ExternalProcessor
+    config_path: str,
+    *extra_plugin_modules: object,
+    servicer_class: type[ExternalProcessor] = ExternalProcessor,
+    metrics: Metrics | None = None,
 ) -> AsyncIterator[FakeEnvoy]:
     """Serve the host's ExternalProcessor for ``config_path`` in this event loop.
 
@@ -145,7 +153,7 @@ async def fake_envoy(
         pm.register(module)
     routes = build_routes(settings, discover(pm), config_path)
     server = grpc.aio.server(options=server_options(settings))
-    servicer = servicer_class(Router(routes), pm)
+    servicer = servicer_class(Router(routes, metrics), pm)
     pb_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

@@ -218,5 +218,18 @@ class Pieces(Plugin):
 
 @hookimpl
 def register_plugins(register):
-    for cls in (Upper, AsyncUpper, Hold, Split, Headers_, Fail, RejectLarge, Record, NotBytes, Burst, EchoHeader, Pieces):
+    for cls in (
+        Upper,
+        AsyncUpper,
+        Hold,
+        Split,
+        Headers_,
+        Fail,
+        RejectLarge,
+        Record,
+        NotBytes,
+        Burst,
+        EchoHeader,
+        Pieces,
+    ):
         register(cls)

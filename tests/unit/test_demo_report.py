@@ -9,20 +9,34 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from extproc_host.demo import MODES, Body, ModeResult, Upload, parse_modes
-from extproc_host.demo_report import build_table, samples_document, write_results
 from extproc_host.stack import RssSample
+from extproc_host.stack.demo import parse_modes
+from extproc_host.stack.demo_model import MODES, Body, ModeResult, Upload
+from extproc_host.stack.demo_report import build_table, samples_document, write_results
 
 MiB = 1024 * 1024
 
 
 def _result(key: str, verified: int, copies_verified: int = 0) -> ModeResult:
     uploads = [Upload(200, 7 * MiB, i < verified) for i in range(4)]
-    samples = [RssSample(0.0, 80 * MiB, 60 * MiB), RssSample(0.1, 200 * MiB, 150 * MiB), RssSample(0.2, 90 * MiB, 70 * MiB)]
+    samples = [
+        RssSample(0.0, 80 * MiB, 60 * MiB),
+        RssSample(0.1, 200 * MiB, 150 * MiB),
+        RssSample(0.2, 90 * MiB, 70 * MiB),
+    ]
     tees = MODES[key].tees
     return ModeResult(
-        MODES[key], 4, 7 * MiB, 2.0, uploads, samples, 200 * MiB, 150 * MiB,
-        copies=8 if tees else 0, copies_verified=copies_verified if tees else 0, copies_expected=8 if tees else 0,
+        MODES[key],
+        4,
+        7 * MiB,
+        2.0,
+        uploads,
+        samples,
+        200 * MiB,
+        150 * MiB,
+        copies=8 if tees else 0,
+        copies_verified=copies_verified if tees else 0,
+        copies_expected=8 if tees else 0,
     )
 
 

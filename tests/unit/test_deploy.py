@@ -42,7 +42,11 @@ def _documents() -> dict[tuple[str, str], dict[str, Any]]:
             found[(doc["kind"], doc["metadata"]["name"])] = doc
     for generator in _kustomization()["configMapGenerator"]:
         data = {name: (DEPLOY / name).read_text() for name in generator["files"]}
-        found[("ConfigMap", generator["name"])] = {"kind": "ConfigMap", "metadata": {"name": generator["name"]}, "data": data}
+        found[("ConfigMap", generator["name"])] = {
+            "kind": "ConfigMap",
+            "metadata": {"name": generator["name"]},
+            "data": data,
+        }
     return found
 
 
@@ -100,7 +104,9 @@ def test_envoy_config_passes_envoy_validate(docs, tmp_path: Path) -> None:
 def test_host_config_passes_extproc_host_check(docs, tmp_path: Path) -> None:
     path = tmp_path / "host.toml"
     path.write_text(docs[("ConfigMap", "extproc-host-config")]["data"]["host.toml"])
-    result = subprocess.run([*extproc_host_command(), "check", "--config", str(path)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [*extproc_host_command(), "check", "--config", str(path)], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -173,7 +179,10 @@ def test_echo_service_and_envoy_upstream_line_up(docs) -> None:
     assert cluster_host == service["metadata"]["name"]
     assert service_port["port"] == cluster_port
     assert _container_port(container, service_port["targetPort"]) == listen.port
-    assert service["spec"]["selector"].items() <= docs[("Deployment", "echo")]["spec"]["template"]["metadata"]["labels"].items()
+    assert (
+        service["spec"]["selector"].items()
+        <= docs[("Deployment", "echo")]["spec"]["template"]["metadata"]["labels"].items()
+    )
 
 
 def test_every_deployment_command_is_a_known_subcommand(docs) -> None:

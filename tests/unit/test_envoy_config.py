@@ -58,8 +58,14 @@ def mode_of(bootstrap: dict, route: str) -> dict | str:
     if per_route.get("disabled"):
         return "disabled"
     mode = per_route.get("overrides", {}).get("processing_mode") or ext_proc_filter(bootstrap)["processing_mode"]
-    defaults = {"request_header_mode": "DEFAULT", "response_header_mode": "DEFAULT", "request_body_mode": "NONE",
-                "response_body_mode": "NONE", "request_trailer_mode": "DEFAULT", "response_trailer_mode": "DEFAULT"}
+    defaults = {
+        "request_header_mode": "DEFAULT",
+        "response_header_mode": "DEFAULT",
+        "request_body_mode": "NONE",
+        "response_body_mode": "NONE",
+        "request_trailer_mode": "DEFAULT",
+        "response_trailer_mode": "DEFAULT",
+    }
     return {**defaults, **mode}
 
 
@@ -194,16 +200,28 @@ def test_clusters_and_options(tmp_path: Path) -> None:
     bootstrap = render(
         tmp_path,
         '[routes.default]\nchain = ["response_only"]\n',
-        "--port", "10000", "--admin-port", "10001", "--upstream", "echo.internal:8081",
-        "--host-address", "10.1.2.3:9100", "--message-timeout", "2.5",
+        "--port",
+        "10000",
+        "--admin-port",
+        "10001",
+        "--upstream",
+        "echo.internal:8081",
+        "--host-address",
+        "10.1.2.3:9100",
+        "--message-timeout",
+        "2.5",
     )
     assert bootstrap["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 10001}
     listener = bootstrap["static_resources"]["listeners"][0]["address"]["socket_address"]
     assert listener == {"address": "0.0.0.0", "port_value": 10000}
     assert cluster(bootstrap, "extproc")["type"] == "STATIC"
     assert endpoint(bootstrap, "extproc")["socket_address"] == {"address": "10.1.2.3", "port_value": 9100}
-    assert "http2_protocol_options" in cluster(bootstrap, "extproc")["typed_extension_protocol_options"][
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["explicit_http_config"]
+    assert (
+        "http2_protocol_options"
+        in cluster(bootstrap, "extproc")["typed_extension_protocol_options"][
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+        ]["explicit_http_config"]
+    )
     assert cluster(bootstrap, "upstream")["type"] == "STRICT_DNS"
     assert endpoint(bootstrap, "upstream")["socket_address"] == {"address": "echo.internal", "port_value": 8081}
     assert ext_proc_filter(bootstrap)["message_timeout"] == "2.500s"
@@ -276,10 +294,20 @@ def test_no_ext_proc_renders_the_direct_reference(tmp_path: Path) -> None:
             ["key 'routes.default.send[0]'", "response_headers"],
         ),
     ],
-    ids=["no-prefix", "same-prefix", "none-but-needed", "streamed-but-buffered", "buffered-no-limit",
-         "limit-not-buffered", "bad-mode", "bad-send"],
+    ids=[
+        "no-prefix",
+        "same-prefix",
+        "none-but-needed",
+        "streamed-but-buffered",
+        "buffered-no-limit",
+        "limit-not-buffered",
+        "bad-mode",
+        "bad-send",
+    ],
 )
-def test_bad_settings_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], settings: str, expected: list[str]) -> None:
+def test_bad_settings_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], settings: str, expected: list[str]
+) -> None:
     err = refuse(tmp_path, settings, capsys)
     assert "Traceback" not in err
     for text in expected:
@@ -297,6 +325,8 @@ def test_bad_settings_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
         (["--message-timeout", "0"], "--message-timeout"),
     ],
 )
-def test_bad_options_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], expected: str) -> None:
+def test_bad_options_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], expected: str
+) -> None:
     err = refuse(tmp_path, '[routes.default]\nchain = ["passthrough"]\n', capsys, *options)
     assert expected in err

@@ -125,7 +125,8 @@ async def test_streamed_answers_each_chunk_upper_cased(envoy):
     mutations = mutations_of(conv, "response_body")
     assert len(mutations) == len(RESPONSE_CHUNKS)
     forwarded = [
-        m.body if m.WhichOneof("mutation") == "body" else chunk for m, chunk in zip(mutations, RESPONSE_CHUNKS)
+        m.body if m.WhichOneof("mutation") == "body" else chunk
+        for m, chunk in zip(mutations, RESPONSE_CHUNKS, strict=False)
     ]
     assert forwarded == [c.upper() for c in RESPONSE_CHUNKS]
     assert not any(m.clear_body for m in mutations)

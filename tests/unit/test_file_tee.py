@@ -38,7 +38,7 @@ def write_config(tmp_path, tee: str = "", routes: str = "", directory=None) -> s
         f'[plugins.file_tee]\ndirectory = "{directory}"\n{tee}\n'
         '[routes.default]\nchain = ["file_tee"]\n'
         '[routes.tee-fail]\nchain = ["file_tee", "fail"]\n'
-        '[routes.tee-fail.plugins.fail]\nafter_chunks = 1\n'
+        "[routes.tee-fail.plugins.fail]\nafter_chunks = 1\n"
         f"{routes}"
     )
     return str(path)
@@ -145,7 +145,11 @@ async def test_streams_get_distinct_files(tmp_path):
 async def test_abort_mid_body_leaves_partial(tmp_path, mode):
     async with fake_envoy(write_config(tmp_path), sample_plugins) as envoy:
         # The stream ends (Envoy gave up) after two request chunks, the body never ended.
-        msgs = [request_headers(route="default", request_mode=mode, response_mode=mode), request_body(b"ab"), request_body(b"cd")]
+        msgs = [
+            request_headers(route="default", request_mode=mode, response_mode=mode),
+            request_body(b"ab"),
+            request_body(b"cd"),
+        ]
         await envoy.converse(msgs)
     found = files(tmp_path)
     assert len(found) == 1, sorted(found)
@@ -156,7 +160,12 @@ async def test_abort_mid_body_leaves_partial(tmp_path, mode):
 
 async def test_reset_mid_response_keeps_complete_request_and_partial_response(tmp_path):
     async with fake_envoy(write_config(tmp_path), sample_plugins) as envoy:
-        msgs = [request_headers(route="default"), request_body(b"req", end=True), response_headers(), response_body(b"re")]
+        msgs = [
+            request_headers(route="default"),
+            request_body(b"req", end=True),
+            response_headers(),
+            response_body(b"re"),
+        ]
         await envoy.converse(msgs)
     found = files(tmp_path)
     names = sorted(found)
@@ -184,7 +193,12 @@ async def test_abort_with_delete_leaves_nothing(tmp_path):
 
 async def test_other_plugin_failing_leaves_partial(tmp_path):
     async with fake_envoy(write_config(tmp_path), sample_plugins) as envoy:
-        msgs = [request_headers(route="tee-fail"), request_body(b"one"), request_body(b"two"), request_body(b"three", end=True)]
+        msgs = [
+            request_headers(route="tee-fail"),
+            request_body(b"one"),
+            request_body(b"two"),
+            request_body(b"three", end=True),
+        ]
         conv = await envoy.converse(msgs)
     assert conv.code != grpc.StatusCode.OK
     found = await settled(tmp_path, 1)
@@ -196,7 +210,12 @@ async def test_other_plugin_failing_leaves_partial(tmp_path):
 
 @pytest.mark.parametrize(
     ("limit", "suffix", "expected"),
-    [(5, ".truncated", b"aaaaa"), (13, "", b"a" * 10 + b"ccc"), (12, ".truncated", b"a" * 10 + b"cc"), (0, ".truncated", b"")],
+    [
+        (5, ".truncated", b"aaaaa"),
+        (13, "", b"a" * 10 + b"ccc"),
+        (12, ".truncated", b"a" * 10 + b"cc"),
+        (0, ".truncated", b""),
+    ],
 )
 async def test_max_bytes(tmp_path, limit, suffix, expected):
     async with fake_envoy(write_config(tmp_path, f"max_bytes = {limit}\nresponse = false"), sample_plugins) as envoy:
@@ -288,7 +307,12 @@ async def test_nothing_from_the_request_escapes_the_directory(tmp_path):
     config = write_config(tmp_path, tee, routes)
     before = {p.name for p in tmp_path.iterdir()}
     async with fake_envoy(config, sample_plugins) as envoy:
-        for authority, method in [("../../x", "GET/.."), ("..", ".."), ("/etc/passwd", "\\..\\"), ("a\x00b", "%2e%2e%2f")]:
+        for authority, method in [
+            ("../../x", "GET/.."),
+            ("..", ".."),
+            ("/etc/passwd", "\\..\\"),
+            ("a\x00b", "%2e%2e%2f"),
+        ]:
             msgs = exchange(route=evil_route, extra={":authority": authority})
             msgs[0].request_headers.headers.headers[0].raw_value = method.encode()
             conv = await envoy.converse(msgs)
@@ -304,7 +328,6 @@ async def test_nothing_from_the_request_escapes_the_directory(tmp_path):
 def test_sanitise():
     assert file_tee.sanitise("../a b/ü\x00") == ".._a_b___"
     assert len(file_tee.sanitise("x" * 1000)) == file_tee.FIELD_MAX
-
 
 
 async def test_a_stalled_disk_write_holds_back_only_its_own_stream(tmp_path, monkeypatch):

@@ -76,11 +76,19 @@ def test_tls_settings_load(tmp_path: Path, pems: dict[str, Path]) -> None:
     [
         ('cert_file = "{missing}"\nkey_file = "{key}"', "server.tls.cert_file", "file not found"),
         ('cert_file = "{cert}"\nkey_file = "{missing}"', "server.tls.key_file", "file not found"),
-        ('cert_file = "{cert}"\nkey_file = "{key}"\nclient_ca_file = "{missing}"', "server.tls.client_ca_file", "file not found"),
+        (
+            'cert_file = "{cert}"\nkey_file = "{key}"\nclient_ca_file = "{missing}"',
+            "server.tls.client_ca_file",
+            "file not found",
+        ),
         ('cert_file = "{cert}"', "server.tls.key_file", "required key is missing"),
         ('cert_file = "{cert}"\nkey_file = "{other_key}"', "server.tls", "not a matching PEM certificate and key"),
         ('cert_file = "{key}"\nkey_file = "{key}"', "server.tls", "not a matching PEM certificate and key"),
-        ('cert_file = "{cert}"\nkey_file = "{key}"\nclient_ca_file = "{key}"', "server.tls", "client_ca_file is not a PEM certificate"),
+        (
+            'cert_file = "{cert}"\nkey_file = "{key}"\nclient_ca_file = "{key}"',
+            "server.tls",
+            "client_ca_file is not a PEM certificate",
+        ),
         ('cert_file = "{cert}"\nkey_file = "{key}"\nca = "x"', "server.tls.ca", "unknown key"),
     ],
 )
@@ -114,6 +122,10 @@ def test_unix_listen_setting(tmp_path: Path) -> None:
 def test_worker_metrics_ports_follow_the_configured_port() -> None:
     from extproc_host.workers import worker_metrics_listen
 
-    assert [worker_metrics_listen("0.0.0.0:9100", i) for i in range(3)] == ["0.0.0.0:9100", "0.0.0.0:9101", "0.0.0.0:9102"]
+    assert [worker_metrics_listen("0.0.0.0:9100", i) for i in range(3)] == [
+        "0.0.0.0:9100",
+        "0.0.0.0:9101",
+        "0.0.0.0:9102",
+    ]
     assert worker_metrics_listen("127.0.0.1:0", 1) == "127.0.0.1:0"
     assert worker_metrics_listen("[::1]:9100", 1) == "[::1]:9101"

@@ -111,7 +111,15 @@ def headers_message(draw, kind: str) -> pb.ProcessingRequest:
 def any_message(draw) -> pb.ProcessingRequest:
     kind = draw(
         st.sampled_from(
-            ["request_headers", "response_headers", "request_body", "response_body", "request_trailers", "response_trailers", None]
+            [
+                "request_headers",
+                "response_headers",
+                "request_body",
+                "response_body",
+                "request_trailers",
+                "response_trailers",
+                None,
+            ]
         )
     )
     if kind is None:
@@ -137,7 +145,12 @@ conversations = st.one_of(
     st.lists(any_message(), max_size=8),
     st.builds(
         lambda first, rest: [first, *rest],
-        st.builds(well_formed_start, st.sampled_from(list(ROUTE_CHAINS)), st.sampled_from([0, 1, 2, 4]), st.sampled_from([0, 1, 2, 4])),
+        st.builds(
+            well_formed_start,
+            st.sampled_from(list(ROUTE_CHAINS)),
+            st.sampled_from([0, 1, 2, 4]),
+            st.sampled_from([0, 1, 2, 4]),
+        ),
         st.lists(any_message(), max_size=10),
     ),
 )
@@ -221,7 +234,9 @@ async def assert_well_formed_stream_succeeds(envoy) -> None:
     assert conv.streamed("response_body")[0] == body
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(messages=conversations)
 def test_any_message_sequence_ends_cleanly(served, messages):
     run, envoy = served
@@ -248,7 +263,9 @@ async def send_frames(envoy, frames: list[bytes]) -> tuple[grpc.StatusCode, str 
     return code, details
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(frames=st.lists(frames, min_size=1, max_size=5))
 def test_bytes_that_are_not_processing_requests_end_cleanly(served, frames):
     run, envoy = served

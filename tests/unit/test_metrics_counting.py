@@ -33,12 +33,8 @@ after_chunks = 1
 async def envoy(tmp_path):
     path = tmp_path / "settings.toml"
     path.write_text(ROUTES)
-    async with fake_envoy(str(path), sample_plugins) as fake:
-        metrics = Metrics()
-        router = fake.servicer.router
-        router.metrics = metrics
-        router.hook_timers = metrics.bind(plan.route for plan in router.plans.values())
-        fake.servicer.metrics = metrics
+    metrics = Metrics()
+    async with fake_envoy(str(path), sample_plugins, metrics=metrics) as fake:
         yield fake, metrics
 
 
@@ -65,7 +61,12 @@ async def test_passthrough_counts_bytes_in_and_out_alike(envoy):
             response_body(b"r" * 77, end=True),
         ]
     )
-    assert body_bytes(metrics, "default") == {"request_in": 1024, "request_out": 1024, "response_in": 77, "response_out": 77}
+    assert body_bytes(metrics, "default") == {
+        "request_in": 1024,
+        "request_out": 1024,
+        "response_in": 77,
+        "response_out": 77,
+    }
     assert value(metrics, "extproc_streams_total", route="default", outcome="ok") == 1
 
 
@@ -74,7 +75,11 @@ async def test_held_back_and_flushed_bytes_count_as_out(envoy, mode):
     fake, metrics = envoy
     modes = {} if mode is None else {"request_mode": mode, "response_mode": mode}
     # BUFFERED sends the whole body as one message; the other modes in chunks.
-    chunks = [request_body(b"abcde", end=True)] if mode == BUFFERED else [request_body(b"abc"), request_body(b"de", end=True)]
+    chunks = (
+        [request_body(b"abcde", end=True)]
+        if mode == BUFFERED
+        else [request_body(b"abc"), request_body(b"de", end=True)]
+    )
     await fake.converse([request_headers(route="hold-upper", **modes), *chunks])
     # hold wraps the body in <...>: 5 bytes in, 7 out.
     assert body_bytes(metrics, "hold-upper")["request_in"] == 5
@@ -94,7 +99,9 @@ async def test_pieces_streamed_back_count_as_out(envoy):
 
 async def test_failing_plugin_counts_a_failed_stream_and_a_plugin_error(envoy):
     fake, metrics = envoy
-    await fake.converse([request_headers(route="fail"), request_body(b"1"), request_body(b"2"), request_body(b"3", end=True)])
+    await fake.converse(
+        [request_headers(route="fail"), request_body(b"1"), request_body(b"2"), request_body(b"3", end=True)]
+    )
     assert value(metrics, "extproc_streams_total", route="fail", outcome="failed") == 1
     assert value(metrics, "extproc_plugin_errors_total", plugin="fail") == 1
     assert value(metrics, "extproc_streams_total", route="fail", outcome="ok") == 0

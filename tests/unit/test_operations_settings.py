@@ -74,7 +74,12 @@ def test_log_lines_about_a_stream_carry_its_id(fmt):
     inside, outside = out.getvalue().splitlines()
     if fmt == "json":
         inside, outside = json.loads(inside), json.loads(outside)
-        assert (inside["message"], inside["stream_id"], inside["route"], inside["level"]) == ("inside", "42", "upload", "WARNING")
+        assert (inside["message"], inside["stream_id"], inside["route"], inside["level"]) == (
+            "inside",
+            "42",
+            "upload",
+            "WARNING",
+        )
         assert (outside["message"], outside["stream_id"]) == ("outside", None)
     else:
         assert inside.endswith("WARNING some.plugin: inside [stream=42 route=upload]")

@@ -198,7 +198,9 @@ async def test_streamed_swallowed_chunks_are_cleared_and_flush_goes_with_the_las
 
 async def test_buffered_replaces_body_and_fixes_content_length(envoy):
     msgs = [
-        request_headers(route="upper-split", request_mode=BUFFERED, response_mode=BUFFERED, extra={"content-length": "4"}),
+        request_headers(
+            route="upper-split", request_mode=BUFFERED, response_mode=BUFFERED, extra={"content-length": "4"}
+        ),
         request_body(b"abcd", end=True),
     ]
     conv = await envoy.converse(msgs)
@@ -210,7 +212,10 @@ async def test_buffered_replaces_body_and_fixes_content_length(envoy):
 
 
 async def test_buffered_same_size_keeps_content_length(envoy):
-    msgs = [request_headers(route="upper", request_mode=BUFFERED, response_mode=BUFFERED), request_body(b"abcd", end=True)]
+    msgs = [
+        request_headers(route="upper", request_mode=BUFFERED, response_mode=BUFFERED),
+        request_body(b"abcd", end=True),
+    ]
     conv = await envoy.converse(msgs)
     (resp,) = conv.of("request_body")
     assert resp.request_body.response.body_mutation.body == b"ABCD"
@@ -219,8 +224,12 @@ async def test_buffered_same_size_keeps_content_length(envoy):
 
 async def test_headers_only_mode(envoy):
     conv = await envoy.converse(
-        [request_headers(route="headers", request_mode=NONE, response_mode=NONE, end_of_stream=True, extra={"x-secret": "s"}),
-         response_headers(end_of_stream=True)]
+        [
+            request_headers(
+                route="headers", request_mode=NONE, response_mode=NONE, end_of_stream=True, extra={"x-secret": "s"}
+            ),
+            response_headers(end_of_stream=True),
+        ]
     )
     req, resp = conv.responses
     mutation = req.request_headers.response.header_mutation
@@ -248,7 +257,14 @@ async def test_full_duplex_trailers_end_the_body_and_are_answered(envoy):
         ]
     )
     kinds = [r.WhichOneof("response") for r in conv.responses]
-    assert kinds == ["request_headers", "request_body", "request_trailers", "response_headers", "response_body", "response_trailers"]
+    assert kinds == [
+        "request_headers",
+        "request_body",
+        "request_trailers",
+        "response_headers",
+        "response_body",
+        "response_trailers",
+    ]
     (rt,) = conv.of("request_trailers")
     assert [(h.header.key, h.header.raw_value) for h in rt.request_trailers.header_mutation.set_headers] == [
         ("x-trailer-seen", b"abc")
@@ -258,7 +274,9 @@ async def test_full_duplex_trailers_end_the_body_and_are_answered(envoy):
 
 
 async def test_full_duplex_trailers_flush_held_bytes_before_the_trailer_answer(envoy):
-    conv = await envoy.converse([request_headers(route="hold-upper"), request_body(b"ab"), request_trailers({"t": "1"})])
+    conv = await envoy.converse(
+        [request_headers(route="hold-upper"), request_body(b"ab"), request_trailers({"t": "1"})]
+    )
     kinds = [r.WhichOneof("response") for r in conv.responses]
     assert kinds == ["request_headers", "request_body", "request_trailers"]
     assert conv.streamed("request_body")[0] == b"<AB>"
@@ -288,8 +306,13 @@ async def test_fail_closed_aborts_the_stream_and_closes_plugins_once(envoy):
 async def test_fail_open_before_anything_changed_passes_the_rest_untouched(envoy):
     sample_plugins.EVENTS.clear()
     conv = await envoy.converse(
-        [request_headers(route="fail-open"), request_body(b"1"), request_body(b"2", end=True), response_headers(),
-         response_body(b"r", end=True)]
+        [
+            request_headers(route="fail-open"),
+            request_body(b"1"),
+            request_body(b"2", end=True),
+            response_headers(),
+            response_body(b"r", end=True),
+        ]
     )
     assert conv.code == grpc.StatusCode.OK
     assert conv.streamed("request_body") == (b"12", [False, True])
@@ -308,12 +331,16 @@ async def test_fail_open_after_a_change_reached_envoy_fails_closed(envoy):
 
 async def test_reject_sends_an_immediate_response(envoy):
     sample_plugins.EVENTS.clear()
-    conv = await envoy.converse([request_headers(route="reject", extra={"x-reject": "1"}), request_body(b"x", end=True)])
+    conv = await envoy.converse(
+        [request_headers(route="reject", extra={"x-reject": "1"}), request_body(b"x", end=True)]
+    )
     assert conv.code == grpc.StatusCode.OK
     (imm,) = conv.of("immediate_response")
     assert imm.immediate_response.status.code == 413
     assert imm.immediate_response.body == b"too large"
-    assert [(h.header.key, h.header.raw_value) for h in imm.immediate_response.headers.set_headers] == [("x-why", b"test")]
+    assert [(h.header.key, h.header.raw_value) for h in imm.immediate_response.headers.set_headers] == [
+        ("x-why", b"test")
+    ]
     assert [e[1:] for e in sample_plugins.EVENTS if e[1] == "close"] == [("close", "Reject")]
 
 
@@ -322,13 +349,22 @@ async def test_reset_mid_body_closes_plugins_with_an_error(envoy):
     # Envoy half-closes after two chunks of a body that never ended.
     conv = await envoy.converse([request_headers(route="record"), request_body(b"1"), request_body(b"2")])
     assert conv.code == grpc.StatusCode.OK
-    assert [e[1:] for e in sample_plugins.EVENTS] == [("request_body", 1), ("request_body", 1), ("close", "StreamAborted")]
+    assert [e[1:] for e in sample_plugins.EVENTS] == [
+        ("request_body", 1),
+        ("request_body", 1),
+        ("close", "StreamAborted"),
+    ]
 
 
 async def test_complete_exchange_closes_plugins_without_error(envoy):
     sample_plugins.EVENTS.clear()
     await envoy.converse(
-        [request_headers(route="record"), request_body(b"1", end=True), response_headers(), response_body(b"", end=True)]
+        [
+            request_headers(route="record"),
+            request_body(b"1", end=True),
+            response_headers(),
+            response_body(b"", end=True),
+        ]
     )
     assert [e[1:] for e in sample_plugins.EVENTS] == [
         ("request_body", 1),
@@ -399,7 +435,12 @@ async def cancel_after_responses(config, messages, count):
 
 async def test_envoy_cancelling_a_finished_exchange_is_not_an_error(config):
     sample_plugins.EVENTS.clear()
-    msgs = [request_headers(route="record"), request_body(b"1", end=True), response_headers(), response_body(b"2", end=True)]
+    msgs = [
+        request_headers(route="record"),
+        request_body(b"1", end=True),
+        response_headers(),
+        response_body(b"2", end=True),
+    ]
     assert len(await cancel_after_responses(config, msgs, 4)) == 4
     assert [e[1:] for e in sample_plugins.EVENTS if e[1] == "close"] == [("close", None)]
 
@@ -413,8 +454,12 @@ async def test_envoy_cancelling_mid_body_is_an_abort(config):
 
 async def test_request_headers_are_in_stream_info_without_a_header_hook(envoy):
     conv = await envoy.converse(
-        [request_headers(route="echo-header", extra={"x-tag": "T"}), request_body(b"", end=True), response_headers(),
-         response_body(b"body", end=True)]
+        [
+            request_headers(route="echo-header", extra={"x-tag": "T"}),
+            request_body(b"", end=True),
+            response_headers(),
+            response_body(b"body", end=True),
+        ]
     )
     assert conv.streamed("response_body")[0] == b"Tbody"
 
@@ -432,7 +477,11 @@ async def test_iterator_answers_stream_through_the_rest_of_the_chain(envoy):
 
 async def test_iterator_answers_are_joined_in_streamed_mode(envoy):
     conv = await envoy.converse(
-        [request_headers(route="pieces-upper", request_mode=STREAMED), request_body(b"ab"), request_body(b"c", end=True)]
+        [
+            request_headers(route="pieces-upper", request_mode=STREAMED),
+            request_body(b"ab"),
+            request_body(b"c", end=True),
+        ]
     )
     first, last = [r.request_body.response.body_mutation for r in conv.of("request_body")]
     assert first.body == b"AB"

@@ -7,7 +7,16 @@ import pytest
 
 from extproc_host.cli import main
 
-from .fake_envoy import BUFFERED, NONE, STREAMED, fake_envoy, request_body, request_headers, response_body, response_headers
+from .fake_envoy import (
+    BUFFERED,
+    NONE,
+    STREAMED,
+    fake_envoy,
+    request_body,
+    request_headers,
+    response_body,
+    response_headers,
+)
 
 
 @pytest.fixture
@@ -36,8 +45,13 @@ async def test_full_duplex_replaces_both_bodies_in_pieces(files):
     upload, answer, config = files
     async with fake_envoy(config) as envoy:
         conv = await envoy.converse(
-            [request_headers(), request_body(b"client data"), request_body(b"more", end=True), response_headers(),
-             response_body(b"upstream data", end=True)]
+            [
+                request_headers(),
+                request_body(b"client data"),
+                request_body(b"more", end=True),
+                response_headers(),
+                response_body(b"upstream data", end=True),
+            ]
         )
     assert conv.code == grpc.StatusCode.OK
     body, flags = conv.streamed("request_body")
@@ -46,7 +60,9 @@ async def test_full_duplex_replaces_both_bodies_in_pieces(files):
     assert max(map(len, pieces)) <= 4096  # streamed out in pieces, not in one message
     assert conv.streamed("response_body")[0] == answer
     (headers,) = conv.of("request_headers")
-    set_headers = {h.header.key: h.header.raw_value for h in headers.request_headers.response.header_mutation.set_headers}
+    set_headers = {
+        h.header.key: h.header.raw_value for h in headers.request_headers.response.header_mutation.set_headers
+    }
     assert set_headers == {"content-type": b"video/mp4"}
 
 
@@ -55,8 +71,12 @@ async def test_streamed_and_buffered_answer_the_last_chunk_with_the_file(files, 
     upload, answer, config = files
     async with fake_envoy(config) as envoy:
         conv = await envoy.converse(
-            [request_headers(request_mode=mode, response_mode=mode), request_body(b"a" * 10, end=True), response_headers(),
-             response_body(b"b", end=True)]
+            [
+                request_headers(request_mode=mode, response_mode=mode),
+                request_body(b"a" * 10, end=True),
+                response_headers(),
+                response_body(b"b", end=True),
+            ]
         )
     assert conv.code == grpc.StatusCode.OK
     (req,) = conv.of("request_body")
@@ -75,7 +95,9 @@ async def test_mode_none_is_an_error(files):
 
 def test_missing_file_is_named_at_start_up(tmp_path, capsys):
     config = tmp_path / "bad.toml"
-    config.write_text('[routes.default]\nchain = ["replace"]\n[plugins.replace]\nresponse_file = "/nonexistent/x.mp4"\n')
+    config.write_text(
+        '[routes.default]\nchain = ["replace"]\n[plugins.replace]\nresponse_file = "/nonexistent/x.mp4"\n'
+    )
     assert main(["check", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert "key 'plugins.replace.response_file'" in err and "no such file" in err

@@ -13,7 +13,9 @@ from extproc_host.cli import main
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_check(tmp_path: Path, text: str, capsys, env: dict[str, str] | None = None, monkeypatch=None) -> tuple[int, str]:
+def run_check(
+    tmp_path: Path, text: str, capsys, env: dict[str, str] | None = None, monkeypatch=None
+) -> tuple[int, str]:
     path = tmp_path / "bad.toml"
     path.write_text(text)
     for key, value in (env or {}).items():
@@ -28,17 +30,32 @@ def run_check(tmp_path: Path, text: str, capsys, env: dict[str, str] | None = No
     [
         ("[routes.default\n", ["not valid TOML", "line 1"]),
         ("[server]\nlisen = '1'\n[routes.default]\nchain=['passthrough']\n", ["key 'server.lisen': unknown key"]),
-        ("[routes.default]\nchain = ['nope']\n", ["key 'routes.default.chain[0]'", "no plugin named 'nope'", "installed: ", "passthrough"]),
+        (
+            "[routes.default]\nchain = ['nope']\n",
+            ["key 'routes.default.chain[0]'", "no plugin named 'nope'", "installed: ", "passthrough"],
+        ),
         ("[routes.default]\nchain = []\n", ["key 'routes.default.chain'"]),
         ("[routes.api]\nchain = ['passthrough']\n", ["key 'routes.default': required"]),
-        ("[routes.default]\nchain=['passthrough']\n[plugins.passthrough]\nspeed = 3\n", ["key 'plugins.passthrough.speed': unknown key"]),
+        (
+            "[routes.default]\nchain=['passthrough']\n[plugins.passthrough]\nspeed = 3\n",
+            ["key 'plugins.passthrough.speed': unknown key"],
+        ),
         (
             "[routes.default]\nchain=['passthrough']\n[routes.default.plugins.passthrough]\nspeed = 3\n",
             ["key 'routes.default.plugins.passthrough.speed': unknown key"],
         ),
-        ("[routes.default]\nchain=['passthrough']\n[plugins.ghost]\n", ["key 'plugins.ghost'", "installed: ", "passthrough"]),
-        ("[routes.default]\nchain=['passthrough']\nfailure_policy='maybe'\n", ["key 'routes.default.failure_policy'", "fail_closed"]),
-        ("[routes.default]\nchain=['passthrough']\npath_prefix='api'\n", ["key 'routes.default.path_prefix'", "must start with '/'"]),
+        (
+            "[routes.default]\nchain=['passthrough']\n[plugins.ghost]\n",
+            ["key 'plugins.ghost'", "installed: ", "passthrough"],
+        ),
+        (
+            "[routes.default]\nchain=['passthrough']\nfailure_policy='maybe'\n",
+            ["key 'routes.default.failure_policy'", "fail_closed"],
+        ),
+        (
+            "[routes.default]\nchain=['passthrough']\npath_prefix='api'\n",
+            ["key 'routes.default.path_prefix'", "must start with '/'"],
+        ),
         ("[server]\nlisten='nowhere'\n[routes.default]\nchain=['passthrough']\n", ["key 'server.listen'", "HOST:PORT"]),
     ],
 )

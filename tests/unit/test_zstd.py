@@ -186,7 +186,11 @@ async def _response_exchange(envoy, req_extra, resp_extra, chunks, mode=FD, rout
 async def test_compresses_for_a_client_that_accepts_zstd(envoy, mode):
     chunks = _mixed_chunks()
     conv = await _response_exchange(
-        envoy, ACCEPT, {"content-type": "text/plain", "content-length": "9", "vary": "origin", "etag": '"v1"'}, chunks, mode
+        envoy,
+        ACCEPT,
+        {"content-type": "text/plain", "content-length": "9", "vary": "origin", "etag": '"v1"'},
+        chunks,
+        mode,
     )
     (headers_answer,) = conv.of("response_headers")
     set_headers, removed = _headers_of(headers_answer, "response_headers")
@@ -244,7 +248,7 @@ async def test_full_duplex_response_trailers_end_the_frame(envoy):
     ]
     conv = await envoy.converse(msgs)
     assert conv.code == grpc.StatusCode.OK
-    body, flags = conv.streamed("response_body")
+    body, _flags = conv.streamed("response_body")
     decoder = zstandard.ZstdDecompressor().decompressobj()
     assert decoder.decompress(body) == b"abc" * 1000 and decoder.eof
 
@@ -489,6 +493,8 @@ async def test_empty_zstd_body_is_an_empty_body(envoy):
 
 async def test_response_whose_headers_end_the_stream_is_left_alone(envoy):
     # 200 with no content-length and no body (an HTTP/2 upstream may answer so).
-    conv = await envoy.converse([request_headers(end_of_stream=True, extra=ACCEPT), response_headers(end_of_stream=True)])
+    conv = await envoy.converse(
+        [request_headers(end_of_stream=True, extra=ACCEPT), response_headers(end_of_stream=True)]
+    )
     set_headers, _ = _headers_of(conv.of("response_headers")[0], "response_headers")
     assert "content-encoding" not in set_headers

@@ -15,50 +15,18 @@ body that has no request body behind it.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import re
-import signal
 import sys
-from collections.abc import Iterator
 
 from aiohttp import web
 
-from .listeners import ListenAddress
-from .settings import parse_listen
+from ..settings import parse_listen
+from .echo_common import BYTES_PATH, CHUNK, listening_line, pattern, stop_on_signal
 
 #: aiohttp's read buffer per connection. It stops reading the socket at twice this much
 #: unread data. 1 MiB reads moved 10 x 70 MiB through Envoy at ~1.5x the rate of 64 KiB reads.
 READ_BUFSIZE = 1024 * 1024
-#: Size of the block :func:`pattern` repeats.
-CHUNK = 64 * 1024
 
-_BYTES_PATH = re.compile(r"(?:^|/)bytes/(\d+)$")
 _ECHOED_HEADERS = ("Content-Type", "Content-Encoding")
-
-
-def _pattern_block() -> bytes:
-    # 64 KiB that do not repeat within the block (a counter through SHA-256), fixed forever.
-    out = bytearray()
-    counter = 0
-    while len(out) < CHUNK:
-        out += hashlib.sha256(counter.to_bytes(8, "big")).digest()
-        counter += 1
-    return bytes(out[:CHUNK])
-
-
-_BLOCK = _pattern_block()
-
-
-def pattern(n: int) -> Iterator[bytes]:
-    """The n bytes ``GET .../bytes/<n>`` answers, in chunks of at most 64 KiB.
-
-    The bytes are a fixed 64 KiB block repeated and cut at n.
-    """
-    full, rest = divmod(n, CHUNK)
-    for _ in range(full):
-        yield _BLOCK
-    if rest:
-        yield _BLOCK[:rest]
 
 
 async def _bytes(request: web.Request, n: int) -> web.StreamResponse:
@@ -77,7 +45,7 @@ async def _bytes(request: web.Request, n: int) -> web.StreamResponse:
 
 async def _echo(request: web.Request) -> web.StreamResponse:
     if request.method == "GET":
-        match = _BYTES_PATH.search(request.path)
+        match = BYTES_PATH.search(request.path)
         if match:
             return await _bytes(request, int(match.group(1)))
 
@@ -115,20 +83,6 @@ def make_app() -> web.Application:
     return app
 
 
-def stop_on_signal() -> asyncio.Event:
-    """An event set by SIGTERM or SIGINT (the echo servers run until then)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    return stop
-
-
-def listening_line(label: str, host: str, port: int) -> str:
-    """``echo listening on http://HOST:PORT`` (the line Stack waits for)."""
-    return f"{label} listening on http://{ListenAddress(host, port).target()}"
-
-
 async def _serve(listen: str) -> None:
     host, port = parse_listen(listen)
     runner = web.AppRunner(make_app(), access_log=None, handle_signals=False)
@@ -148,7 +102,7 @@ def serve(listen: str, http2: bool = False) -> None:
     """Run the echo upstream on ``listen`` (HOST:PORT, port 0 picks one) until SIGTERM/SIGINT.
 
     Prints ``echo listening on http://HOST:PORT`` to stdout once bound. ``http2``: serve h2c
-    (prior knowledge) as well as HTTP/1.1, with hypercorn (:mod:`extproc_host.echo_h2`).
+    (prior knowledge) as well as HTTP/1.1, with hypercorn (:mod:`extproc_host.stack.echo_h2`).
     """
     if http2:
         from .echo_h2 import serve as serve_h2
@@ -158,5 +112,5 @@ def serve(listen: str, http2: bool = False) -> None:
     asyncio.run(_serve(listen))
 
 
-if __name__ == "__main__":  # python -m extproc_host.echo [HOST:PORT]
+if __name__ == "__main__":  # python -m extproc_host.stack.echo [HOST:PORT]
     serve(sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:8080")

@@ -1,6 +1,6 @@
 """The echo upstream over HTTP/2 as well: ``extproc-host echo --http2``.
 
-The same behaviour as :mod:`extproc_host.echo` (every request body streamed straight back, the
+The same behaviour as :mod:`extproc_host.stack.echo` (every request body streamed straight back, the
 request's content-type and content-encoding echoed, its content-length kept when it had one;
 ``GET .../bytes/<n>`` answers n deterministic bytes) as an ASGI application served by hypercorn,
 which speaks HTTP/2 with prior knowledge (h2c) and HTTP/1.1 on the same port. Bodies stream
@@ -19,8 +19,8 @@ import socket
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config
 
-from .echo import _BYTES_PATH, listening_line, pattern, stop_on_signal
-from .settings import parse_listen
+from ..settings import parse_listen
+from .echo_common import BYTES_PATH, listening_line, pattern, stop_on_signal
 
 _ECHOED_HEADERS = (b"content-type", b"content-encoding")
 
@@ -46,7 +46,7 @@ async def echo_app(scope, receive, send) -> None:
     if scope["type"] != "http":
         return
     if scope["method"] == "GET":
-        match = _BYTES_PATH.search(scope["path"])
+        match = BYTES_PATH.search(scope["path"])
         if match:
             await _send_pattern(send, int(match.group(1)))
             return

@@ -7,7 +7,7 @@ stack (:class:`~extproc_host.stack.Stack`: Envoy, echo, host on free ports), so 
 figures are its own. While the uploads run, Envoy's and the host's RSS are sampled every 0.1 s.
 Every echoed body is hashed as it streams back and compared with the file's sha256; the copies
 file_tee makes on the full-duplex route (config/full_duplex.toml) go to a temporary directory
-and are checked too. :mod:`extproc_host.demo_report` prints the table and writes the chart and
+and are checked too. :mod:`extproc_host.stack.demo_report` prints the table and writes the chart and
 the raw samples.
 """
 
@@ -21,8 +21,7 @@ import random
 import signal
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -30,101 +29,8 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, Task, TextColumn
 from rich.text import Text
 
-from .stack import RssSample, Stack, StackError
-
-MiB = 1024 * 1024
-CHUNK = MiB
-
-
-@dataclass(frozen=True)
-class Mode:
-    """One run of the experiment: which Envoy config, which host settings, which path."""
-
-    key: str
-    label: str
-    envoy_config: str
-    host_config: str | None
-    path: str
-
-    @property
-    def tees(self) -> bool:
-        """Whether config/full_duplex.toml's file_tee copies this mode's bodies."""
-        return self.key == "full-duplex"
-
-
-MODES: dict[str, Mode] = {
-    m.key: m
-    for m in (
-        Mode("full-duplex", "FULL_DUPLEX_STREAMED", "envoy/full_duplex.yaml", "config/full_duplex.toml", "/full-duplex-streamed"),
-        Mode("streamed", "STREAMED", "envoy/full_duplex.yaml", "config/full_duplex.toml", "/streamed"),
-        Mode("direct", "Envoy alone (no ext_proc)", "envoy/direct.yaml", None, "/"),
-    )
-}
-
-
-@dataclass
-class DemoOptions:
-    """What ``extproc-host demo`` was asked to do (see cli.py for the flags)."""
-
-    concurrency: int = 10
-    size_mib: int = 70
-    file: Path | None = None
-    results: Path | None = None
-    modes: Sequence[str] = tuple(MODES)
-    keep_running: bool = False
-    keep_copies: bool = False
-
-
-@dataclass
-class Upload:
-    """One upload's outcome: HTTP status, bytes echoed back, and whether their sha256 matched."""
-
-    status: int = 0
-    received: int = 0
-    verified: bool = False
-    error: str | None = None
-
-
-@dataclass
-class ModeResult:
-    """One mode's figures: wall time of the N uploads, peaks, samples, verification counts."""
-
-    mode: Mode
-    concurrency: int
-    body_bytes: int
-    wall_seconds: float
-    uploads: list[Upload]
-    samples: list[RssSample]
-    envoy_peak: int
-    host_peak: int
-    copies: int = 0
-    copies_verified: int = 0
-    copies_expected: int = 0
-
-    @property
-    def verified(self) -> int:
-        """Uploads answered 200 whose echo matched the file's sha256."""
-        return sum(1 for u in self.uploads if u.verified and u.status == 200)
-
-    @property
-    def mib_per_second(self) -> float:
-        """Aggregate rate: all uploaded bytes over the wall time."""
-        return self.concurrency * self.body_bytes / MiB / self.wall_seconds if self.wall_seconds else 0.0
-
-    @property
-    def ok(self) -> bool:
-        """Every body and every file_tee copy came back exact."""
-        return self.verified == self.concurrency and self.copies_verified == self.copies_expected
-
-
-@dataclass
-class Body:
-    """The uploaded file, its size and sha256."""
-
-    path: Path
-    size: int
-    sha256: str
-    generated: bool = field(default=False)
+from .demo_model import CHUNK, MODES, Body, DemoOptions, MiB, Mode, ModeResult, Upload
+from .runner import Stack, StackError
 
 
 def generate_body(path: Path, size: int, seed: int = 7) -> Body:
@@ -175,7 +81,7 @@ async def upload(session: aiohttp.ClientSession, url: str, body: Body, on_bytes:
                 digest.update(block)
                 result.received += len(block)
                 on_bytes(len(block))
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
         return result
     result.verified = result.received == body.size and digest.hexdigest() == body.sha256
@@ -253,8 +159,12 @@ def run_mode(mode: Mode, body: Body, concurrency: int, copies: Path, console: Co
         pids = ", ".join(f"{name} {pid}" for name, pid in stack.pids.items())
         console.print(f"  Envoy on {stack.url}{mode.path} (pids: {pids})")
         progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
-            MiBPerSecondColumn(), console=console, transient=not console.is_terminal,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            MiBPerSecondColumn(),
+            console=console,
+            transient=not console.is_terminal,
         )
         with progress, stack.sampler(0.1) as rss:
             start = time.perf_counter()
@@ -283,13 +193,16 @@ def keep_running(body: Body, tee_dir: Path, console: Console) -> None:
     """Leave a full-duplex stack up and print curl commands to try it by hand, until Ctrl-C."""
     mode = MODES["full-duplex"]
     with running_stack(mode, tee_dir) as stack:
-        console.print(f"\n[bold]The stack is running[/] (Envoy {stack.url}, admin {stack.admin_url}, "
-                      f"pids {stack.pids}); file_tee copies go to {tee_dir}. Try:\n")
+        console.print(
+            f"\n[bold]The stack is running[/] (Envoy {stack.url}, admin {stack.admin_url}, "
+            f"pids {stack.pids}); file_tee copies go to {tee_dir}. Try:\n"
+        )
         console.print(f"  sha256sum {body.path}", soft_wrap=True, highlight=False)
         for route in ("full-duplex-streamed", "streamed"):
             console.print(
                 f"  for i in $(seq 10); do curl -s --data-binary @{body.path} {stack.url}/{route} | sha256sum & done; wait",
-                soft_wrap=True, highlight=False,
+                soft_wrap=True,
+                highlight=False,
             )
         console.print(f"  curl -s '{stack.admin_url}/stats?filter=ext_proc'", soft_wrap=True, highlight=False)
         console.print("\nCtrl-C stops Envoy, the host and the echo upstream.")
@@ -346,9 +259,13 @@ def run(options: DemoOptions, console: Console | None = None) -> int:
                 return 1
             print_table(results, console)
             written = write_results(results, body, out)
-            console.print(f"chart {written['chart']}, raw samples {written['samples']}", soft_wrap=True, highlight=False)
+            console.print(
+                f"chart {written['chart']}, raw samples {written['samples']}", soft_wrap=True, highlight=False
+            )
             ok = all(r.ok for r in results)
-            console.print("[green]every body came back byte for byte[/]" if ok else "[red]some bodies did not come back intact[/]")
+            console.print(
+                "[green]every body came back byte for byte[/]" if ok else "[red]some bodies did not come back intact[/]"
+            )
             if options.keep_running:
                 tee_dir = work / "tee-keep-running"
                 tee_dir.mkdir()
@@ -368,4 +285,4 @@ def parse_modes(text: str) -> list[str]:
     return keys
 
 
-__all__ = ["DemoOptions", "MODES", "ModeResult", "run", "parse_modes", "generate_body", "sha256_file"]
+__all__ = ["MODES", "DemoOptions", "ModeResult", "generate_body", "parse_modes", "run", "sha256_file"]

@@ -38,7 +38,7 @@ import psutil
 import yaml
 
 #: The directory that holds host/, envoy/ and config/ in a source checkout.
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 
 _LISTENING = re.compile(r"listening on (?:https?://)?\[?([^\s\]]+?)\]?:(\d+)\s*$", re.MULTILINE)
 _LISTENING_UNIX = re.compile(r"listening on unix:(\S+)\s*$", re.MULTILINE)
@@ -159,11 +159,7 @@ def rewrite_envoy_config(
             socket_address = {"socket_address": {"address": "127.0.0.1", "port_value": ports[name]}}
         cluster["load_assignment"] = {
             "cluster_name": name,
-            "endpoints": [
-                {
-                    "lb_endpoints": [{"endpoint": {"address": socket_address}}]
-                }
-            ],
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket_address}}]}],
         }
     if "upstream" not in seen:
         raise StackError("the Envoy config has no 'upstream' cluster")
@@ -522,9 +518,6 @@ class Stack:
     def host_rss(self) -> int:
         """The host's resident set size in bytes, including its child processes."""
         return _rss(self._procs.get("host"), children=True)
-
-    def echo_rss(self) -> int:
-        return _rss(self._procs.get("echo"), children=True)
 
     def sampler(self, interval: float = 0.1) -> RssSampler:
         """A started :class:`RssSampler` for this stack (use as a context manager)."""

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .plugin import Needs
-from .registry import Route
-from .settings import ConfigError, RouteSettings
-
-DIRECTIONS = ("request", "response")
+from .errors import ConfigError
+from .plugin import DIRECTIONS, Needs
+from .routes import Route
+from .settings import RouteSettings
 
 
 @dataclass(frozen=True)
@@ -65,8 +64,7 @@ def _body_mode(route: Route, settings: RouteSettings, needs: Needs, direction: s
     if forced in ("STREAMED", "FULL_DUPLEX_STREAMED") and need == "buffered":
         who = _who_needs(route, settings, f"{direction}_body")
         raise ConfigError(
-            f"{key}: {forced} for the {direction} body, but {who} needs the whole {direction} body "
-            "at once (BUFFERED)"
+            f"{key}: {forced} for the {direction} body, but {who} needs the whole {direction} body at once (BUFFERED)"
         )
     return forced
 

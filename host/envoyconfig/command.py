@@ -8,8 +8,14 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import sys
+from typing import TYPE_CHECKING
 
-from .settings import ConfigError, parse_listen
+from ..errors import ConfigError
+from ..registry import load_host
+from ..settings import parse_listen
+
+if TYPE_CHECKING:
+    from .bootstrap import EnvoyOptions
 
 
 def add_envoy_config_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,11 +27,25 @@ def add_envoy_config_parser(sub: argparse._SubParsersAction) -> None:
     where.add_argument("--port", type=int, metavar="N", help="port of Envoy's listener on 0.0.0.0")
     envoy.add_argument("--admin-port", type=int, metavar="N", default=9901, help="Envoy admin port (default 9901)")
     envoy.add_argument(
-        "--admin-address", metavar="HOST", default="127.0.0.1", help="Envoy admin address (default 127.0.0.1; 0.0.0.0 for a kubelet probe)"
+        "--admin-address",
+        metavar="HOST",
+        default="127.0.0.1",
+        help="Envoy admin address (default 127.0.0.1; 0.0.0.0 for a kubelet probe)",
     )
-    envoy.add_argument("--host-address", metavar="ADDRESS", help="HOST:PORT or unix:PATH where Envoy reaches the host (default: [server] listen)")
-    envoy.add_argument("--upstream", default="127.0.0.1:8080", metavar="HOST:PORT", help="HOST:PORT of the upstream (default 127.0.0.1:8080)")
-    envoy.add_argument("--message-timeout", type=float, default=5.0, metavar="S", help="seconds the host has per message (default 5)")
+    envoy.add_argument(
+        "--host-address",
+        metavar="ADDRESS",
+        help="HOST:PORT or unix:PATH where Envoy reaches the host (default: [server] listen)",
+    )
+    envoy.add_argument(
+        "--upstream",
+        default="127.0.0.1:8080",
+        metavar="HOST:PORT",
+        help="HOST:PORT of the upstream (default 127.0.0.1:8080)",
+    )
+    envoy.add_argument(
+        "--message-timeout", type=float, default=5.0, metavar="S", help="seconds the host has per message (default 5)"
+    )
     envoy.add_argument(
         "--health-check",
         type=float,
@@ -34,6 +54,7 @@ def add_envoy_config_parser(sub: argparse._SubParsersAction) -> None:
     )
     envoy.add_argument("--no-ext-proc", action="store_true", help="no ext_proc filter: Envoy straight to the upstream")
     envoy.add_argument("--output", "-o", metavar="FILE", help="write to this file instead of standard output")
+    envoy.set_defaults(handler=run_envoy_config)
 
 
 def _envoy_config_command(args: argparse.Namespace) -> str:
@@ -60,9 +81,9 @@ def _envoy_config_command(args: argparse.Namespace) -> str:
     return " ".join(words)
 
 
-def _envoy_options(args: argparse.Namespace):
+def _envoy_options(args: argparse.Namespace) -> EnvoyOptions:
     """EnvoyOptions from the command line; ConfigError naming the option when one is wrong."""
-    from .envoy_config import EnvoyOptions
+    from .bootstrap import EnvoyOptions
 
     listen = args.listen or f"0.0.0.0:{18080 if args.port is None else args.port}"
     checks = {"--listen/--port": listen, "--upstream": args.upstream}
@@ -99,13 +120,11 @@ def _envoy_options(args: argparse.Namespace):
 
 def run_envoy_config(args: argparse.Namespace) -> int:
     """Print (or write with -o) the Envoy bootstrap for ``args.config``."""
-    from .cli import _load  # settings, plugins and routes checked as for serve
-
-    settings, _, routes = _load(args.config)
+    host = load_host(args.config)  # settings, plugins and routes checked as for serve
     options = _envoy_options(args)
-    from .envoy_config import build_bootstrap, render_yaml  # slow import: only for this command
+    from .bootstrap import build_bootstrap, render_yaml  # slow import: only for this command
 
-    bootstrap = build_bootstrap(settings, routes, options, args.config)
+    bootstrap = build_bootstrap(host.settings, host.routes, options, args.config)
     header = (
         f"Envoy bootstrap generated from {args.config}: do not edit, regenerate it with\n"
         f"  {_envoy_config_command(args)}\n"

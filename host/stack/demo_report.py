@@ -12,15 +12,12 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
-if TYPE_CHECKING:
-    from .demo import Body, ModeResult
+from .demo_model import Body, MiB, ModeResult
 
-MiB = 1024 * 1024
 TABLE_COLUMNS = ("mode", "wall s", "MiB/s", "Envoy peak RSS MiB", "host peak RSS MiB", "bodies verified")
 #: Width used when the output is not a terminal (a pipe, a file, CI), so the table does not wrap.
 PLAIN_WIDTH = 120
@@ -95,11 +92,13 @@ def write_chart(results: Sequence[ModeResult], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.2), sharey=True, squeeze=False)
-    for ax, r in zip(axes[0], results):
+    for ax, r in zip(axes[0], results, strict=False):
         t = [s.t for s in r.samples]
         ax.plot(t, [s.envoy / MiB for s in r.samples], label=f"Envoy (peak {r.envoy_peak / MiB:.0f})", color="tab:blue")
         if r.mode.host_config is not None:
-            ax.plot(t, [s.host / MiB for s in r.samples], label=f"host (peak {r.host_peak / MiB:.0f})", color="tab:orange")
+            ax.plot(
+                t, [s.host / MiB for s in r.samples], label=f"host (peak {r.host_peak / MiB:.0f})", color="tab:orange"
+            )
         ax.set_title(f"{r.mode.label}\n{r.mib_per_second:.0f} MiB/s, {r.wall_seconds:.1f} s", fontsize=9)
         ax.set_xlabel("seconds")
         ax.grid(alpha=0.3)

@@ -42,7 +42,12 @@ with warnings.catch_warnings():
         Pipe,
         SocketAddress,
     )
-    from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints
+    from envoy_data_plane.envoy.config.endpoint.v3 import (
+        ClusterLoadAssignment,
+        Endpoint,
+        LbEndpoint,
+        LocalityLbEndpoints,
+    )
     from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
     from envoy_data_plane.envoy.config.route.v3 import Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost
     from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
@@ -65,10 +70,10 @@ with warnings.catch_warnings():
     )
     from envoy_data_plane.google.protobuf import Any as AnyMessage
 
-from . import registry
-from .route_modes import RouteModes, ordered_routes, route_modes
-from .listeners import parse_address
-from .settings import Settings
+from .. import routes as host_routes
+from ..listeners import UNIX_PREFIX, parse_address
+from ..modes import RouteModes, ordered_routes, route_modes
+from ..settings import Settings
 
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -101,8 +106,8 @@ def _seconds(value: float) -> datetime.timedelta:
 def _socket(address: str, connect: bool = True) -> tuple[Address, bool]:
     """An Envoy address for ``HOST:PORT`` or ``unix:PATH``, and whether it needs DNS.
     ``connect``: Envoy connects to it, so an unspecified address (0.0.0.0) means loopback."""
-    if address.startswith("unix:"):
-        return Address(pipe=Pipe(path=address.removeprefix("unix:"))), False
+    if address.startswith(UNIX_PREFIX):
+        return Address(pipe=Pipe(path=address.removeprefix(UNIX_PREFIX))), False
     parsed = parse_address(address)
     if connect:  # the host listens everywhere: reach it on loopback
         parsed = parsed.reachable()
@@ -133,7 +138,9 @@ def _cluster(name: str, address: str, http2: bool) -> Cluster:
         type=ClusterDiscoveryType.STRICT_DNS if dns else ClusterDiscoveryType.STATIC,
         connect_timeout=_seconds(5),
         **dns_options,
-        typed_extension_protocol_options={HTTP_OPTIONS: AnyMessage.pack(HttpProtocolOptions(explicit_http_config=protocol))},
+        typed_extension_protocol_options={
+            HTTP_OPTIONS: AnyMessage.pack(HttpProtocolOptions(explicit_http_config=protocol))
+        },
         circuit_breakers=CircuitBreakers(
             thresholds=[CircuitBreakersThresholds(max_connections=MANY, max_pending_requests=MANY, max_requests=MANY)]
         ),
@@ -157,7 +164,9 @@ def processing_mode(modes: RouteModes) -> ProcessingMode:
     )
 
 
-def _per_route(modes: RouteModes, fail_open: bool, filter_modes: RouteModes, filter_fail_open: bool) -> ExtProcPerRoute | None:
+def _per_route(
+    modes: RouteModes, fail_open: bool, filter_modes: RouteModes, filter_fail_open: bool
+) -> ExtProcPerRoute | None:
     """The route's ExtProcPerRoute: disabled, overrides where it differs from the filter, or None."""
     if modes.disabled:
         return ExtProcPerRoute(disabled=True)
@@ -186,7 +195,9 @@ def _health_check(interval: float) -> HealthCheck:
     )
 
 
-def build_bootstrap(settings: Settings, routes: dict[str, registry.Route], options: EnvoyOptions, source: str) -> Bootstrap:
+def build_bootstrap(
+    settings: Settings, routes: dict[str, host_routes.Route], options: EnvoyOptions, source: str
+) -> Bootstrap:
     """The whole Envoy bootstrap; ConfigError on settings Envoy cannot be configured for."""
     ordered = ordered_routes(routes, source)
     modes = {r.name: route_modes(r, settings.routes[r.name], source) for r in ordered}
@@ -237,7 +248,9 @@ def build_bootstrap(settings: Settings, routes: dict[str, registry.Route], optio
         address=listen_address,
         filter_chains=[
             FilterChain(
-                filters=[Filter(name="envoy.filters.network.http_connection_manager", typed_config=AnyMessage.pack(manager))]
+                filters=[
+                    Filter(name="envoy.filters.network.http_connection_manager", typed_config=AnyMessage.pack(manager))
+                ]
             )
         ],
     )
@@ -248,7 +261,9 @@ def build_bootstrap(settings: Settings, routes: dict[str, registry.Route], optio
             extproc.health_checks = [_health_check(options.health_check_interval)]
         clusters.append(extproc)
     clusters.append(_cluster("upstream", options.upstream, http2=False))
-    admin = Admin(address=Address(socket_address=SocketAddress(address=options.admin_address, port_value=options.admin_port)))
+    admin = Admin(
+        address=Address(socket_address=SocketAddress(address=options.admin_address, port_value=options.admin_port))
+    )
     return Bootstrap(admin=admin, static_resources=BootstrapStaticResources(listeners=[listener], clusters=clusters))
 
 
