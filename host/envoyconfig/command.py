@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 def add_envoy_config_parser(sub: argparse._SubParsersAction) -> None:
     """The ``envoy-config`` subcommand's options."""
     envoy = sub.add_parser("envoy-config", help="print the Envoy bootstrap (YAML) that matches a settings file")
-    envoy.add_argument("--config", "-c", required=True, metavar="FILE", help="settings TOML file")
+    envoy.add_argument("--config", "-c", metavar="FILE", help="settings TOML file (default: built-in defaults)")
     where = envoy.add_mutually_exclusive_group()
     where.add_argument("--listen", metavar="HOST:PORT", help="HOST:PORT of Envoy's listener (default 0.0.0.0:18080)")
     where.add_argument("--port", type=int, metavar="N", help="port of Envoy's listener on 0.0.0.0")
@@ -59,7 +59,9 @@ def add_envoy_config_parser(sub: argparse._SubParsersAction) -> None:
 
 def _envoy_config_command(args: argparse.Namespace) -> str:
     """The command line that reproduces this output, for the generated file's header."""
-    words = ["extproc-host", "envoy-config", "--config", args.config]
+    words = ["extproc-host", "envoy-config"]
+    if args.config:
+        words += ["--config", args.config]
     if args.listen:
         words += ["--listen", args.listen]
     if args.port is not None:
@@ -124,9 +126,9 @@ def run_envoy_config(args: argparse.Namespace) -> int:
     options = _envoy_options(args)
     from .bootstrap import build_bootstrap, render_yaml  # slow import: only for this command
 
-    bootstrap = build_bootstrap(host.settings, host.routes, options, args.config)
+    bootstrap = build_bootstrap(host.settings, host.routes, options, host.source)
     header = (
-        f"Envoy bootstrap generated from {args.config}: do not edit, regenerate it with\n"
+        f"Envoy bootstrap generated from {args.config or 'the built-in default settings'}: do not edit, regenerate it with\n"
         f"  {_envoy_config_command(args)}\n"
         "(make envoy-configs regenerates every file in envoy/)."
     )

@@ -172,7 +172,9 @@ class Stack:
     """Echo upstream + ext_proc host + Envoy on ephemeral ports; a context manager.
 
     ``envoy_config``: an Envoy YAML template (see envoy/); paths resolve against the working
-    directory, then the project root.
+    directory, then the project root. None: generated from ``host_config`` by
+    ``extproc-host envoy-config`` (with ``host_env`` applied), or, with no host, Envoy alone
+    (``--no-ext-proc``): what an installed package without a checkout uses.
     ``host_config``: the host's TOML settings, run as ``extproc-host --config FILE --listen
     127.0.0.1:0 *host_args``; None (with no ``host_command``) runs no host, for Envoy configs
     without ext_proc (envoy/direct.yaml).
@@ -189,7 +191,7 @@ class Stack:
 
     def __init__(
         self,
-        envoy_config: str | os.PathLike[str] = "envoy/full_duplex.yaml",
+        envoy_config: str | os.PathLike[str] | None = "envoy/full_duplex.yaml",
         host_config: str | os.PathLike[str] | None = "config/full_duplex.toml",
         *,
         host_args: Sequence[str] = (),
@@ -206,7 +208,7 @@ class Stack:
         host_listen: str = "127.0.0.1:0",
         envoy_edit: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
-        self.envoy_template = project_path(envoy_config)
+        self.envoy_template = project_path(envoy_config) if envoy_config is not None else None
         self.host_command = list(host_command) if host_command is not None else None
         # A host command replaces the extproc-host run, its config included.
         use_config = host_config is not None and self.host_command is None
@@ -368,9 +370,28 @@ class Stack:
                 raise StackError(f"{name} printed no 'listening on HOST:PORT' line within {self.startup_timeout}s")
             time.sleep(0.02)
 
+    def _envoy_template(self) -> dict[str, Any]:
+        """The Envoy bootstrap to rewrite: the given file, or one generated from the settings."""
+        assert self.tmpdir is not None
+        if self.envoy_template is not None:
+            loaded: dict[str, Any] = yaml.safe_load(self.envoy_template.read_text())
+            return loaded
+        generated = self.tmpdir / "envoy-generated.yaml"
+        cmd = [*extproc_host_command(), "envoy-config", "-o", str(generated)]
+        if self.host_config is not None:
+            cmd += ["--config", str(self.host_config)]
+        else:
+            cmd.append("--no-ext-proc")
+        env = {**os.environ, **self.host_env}
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise StackError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr.strip()}")
+        generated_config: dict[str, Any] = yaml.safe_load(generated.read_text())
+        return generated_config
+
     def _start_envoy(self, deadline: float) -> None:
         assert self.tmpdir is not None
-        template = yaml.safe_load(self.envoy_template.read_text())
+        template = self._envoy_template()
         config = rewrite_envoy_config(
             template, extproc_port=self.host_port, upstream_port=self.echo_port or 0, extproc_pipe=self.host_socket
         )
