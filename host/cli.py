@@ -15,6 +15,7 @@ from importlib.metadata import version
 from .envoyconfig.command import add_envoy_config_parser
 from .errors import ConfigError
 from .listeners import ListenAddress, parse_address
+from .modes import RouteModes
 from .registry import load_host
 from .settings import parse_listen
 
@@ -200,8 +201,26 @@ def _check(args: argparse.Namespace) -> int:
         chain = " -> ".join(link.info.name for link in route.chain)
         where = f" (path prefix {route.path_prefix})" if route.path_prefix else ""
         print(f"route {name}{where}: {chain} [{route.failure_policy}]")
+        print(f"  Envoy sends: {describe_modes(host.modes[name])}")
     print(f"{args.config}: OK, listen {settings.server.listen}")
     return 0
+
+
+def describe_modes(modes: RouteModes) -> str:
+    """One line saying what a route asks Envoy for (``check``)."""
+    if modes.disabled:
+        return "nothing (ext_proc disabled on this route: its chain needs nothing)"
+    parts = [
+        "request headers",
+        f"request body {modes.request_body}",
+        f"request trailers {'SEND' if modes.request_trailers else 'SKIP'}",
+        f"response headers {'SEND' if modes.response_headers else 'SKIP'}",
+        f"response body {modes.response_body}",
+        f"response trailers {'SEND' if modes.response_trailers else 'SKIP'}",
+    ]
+    if modes.buffer_limit_bytes is not None:
+        parts.append(f"buffer limit {modes.buffer_limit_bytes} bytes")
+    return ", ".join(parts)
 
 
 def _plugins(args: argparse.Namespace) -> int:
@@ -210,9 +229,12 @@ def _plugins(args: argparse.Namespace) -> int:
 
     from .registry import discover, make_plugin_manager
 
+    pm = make_plugin_manager()
     table = Table("plugin", "version", "distribution", "hooks", title="installed extproc-host plugins")
-    for info in discover(make_plugin_manager()).values():
+    for info in discover(pm).values():
         table.add_row(info.name, info.version, info.distribution, ", ".join(info.hooks) or "(none: passes everything)")
+    for broken in pm.broken.values():
+        table.add_row(broken.entry_point, broken.version, broken.distribution, f"BROKEN: {broken.error}", style="red")
     Console().print(table)
     return 0
 
