@@ -177,6 +177,18 @@ def _unknown(source: str, key: str, name: str, installed: str, broken: dict[str,
     return f"{source}: key '{key}': no plugin named '{name}' is installed; installed: {installed}{also}"
 
 
+def shell_names(tables: dict[str, dict[str, Any]], plugins: dict[str, PluginInfo]) -> dict[str, dict[str, Any]]:
+    """Plugin settings tables by plugin name, with ``_`` accepted for ``-``: a shell cannot set
+    ``EXTPROC_PLUGINS__ADD-HEADER__NAME``, so ``EXTPROC_PLUGINS__ADD_HEADER__NAME`` sets
+    ``[plugins.add-header] name`` (and wins over the file's value, as the environment does)."""
+    by_shell_name = {name.replace("-", "_"): name for name in plugins if "-" in name}
+    out: dict[str, dict[str, Any]] = {}
+    for key, table in tables.items():
+        name = key if key in plugins else by_shell_name.get(key, key)
+        out[name] = {**out.get(name, {}), **table} if key != name else {**table, **out.get(name, {})}
+    return out
+
+
 def build_routes(
     settings: Settings,
     plugins: dict[str, PluginInfo],
@@ -192,7 +204,8 @@ def build_routes(
     problems: list[str] = []
     if "default" not in settings.routes:
         problems.append(f"{source}: key 'routes.default': required: the route for traffic no other route matches")
-    for name in settings.plugins:
+    plugin_settings = shell_names(settings.plugins, plugins)
+    for name in plugin_settings:
         if name not in plugins:
             problems.append(_unknown(source, f"plugins.{name}", name, installed, broken))
     routes: dict[str, Route] = {}
@@ -203,7 +216,8 @@ def build_routes(
             if info is None:
                 problems.append(_unknown(source, f"routes.{route_name}.chain[{index}]", plugin_name, installed, broken))
                 continue
-            merged = {**settings.plugins.get(plugin_name, {}), **route.plugins.get(plugin_name, {})}
+            route_plugins = shell_names(route.plugins, plugins)
+            merged = {**plugin_settings.get(plugin_name, {}), **route_plugins.get(plugin_name, {})}
             try:
                 links.append(ChainLink(info, info.cls.Settings.model_validate(merged)))
             except ValidationError as exc:
@@ -213,7 +227,7 @@ def build_routes(
                     else ("plugins", plugin_name)
                 )
                 problems.append(describe_validation_error(source, exc, where))
-        for plugin_name in route.plugins:
+        for plugin_name in shell_names(route.plugins, plugins):
             if plugin_name not in route.chain:
                 problems.append(
                     f"{source}: key 'routes.{route_name}.plugins.{plugin_name}': "
