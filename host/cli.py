@@ -1,4 +1,5 @@
-"""The ``extproc-host`` command: serve (the default), check, plugins, health, envoy-config, echo, demo.
+"""The ``extproc-host`` command: serve (the default), check, plugins, health, envoy-config, echo, demo,
+new-plugin.
 
 Each subcommand's parser carries its handler (``set_defaults(handler=...)``); every handler that
 reads a settings file starts from :func:`~extproc_host.registry.load_host`. Commands whose
@@ -116,6 +117,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler=_demo)
     add_envoy_config_parser(sub)
+    new_plugin = sub.add_parser(
+        "new-plugin", help="write a new plugin package: pyproject with the entry point, plugin, settings, tests, README"
+    )
+    new_plugin.add_argument("name", help="the plugin's name, as routes list it in their chain (e.g. card-redact)")
+    new_plugin.add_argument("--directory", "-d", default=".", help="where to create the package (default: here)")
+    new_plugin.set_defaults(handler=_new_plugin)
     return parser
 
 
@@ -280,6 +287,12 @@ def _demo(args: argparse.Namespace) -> int:
         keep_copies=args.keep_copies,
     )
     return run(options)
+
+
+def _new_plugin(args: argparse.Namespace) -> int:
+    from .testing.scaffold import run_new_plugin
+
+    return run_new_plugin(args)
 
 
 def _configure_logging(level: str, fmt: str = "text") -> None:

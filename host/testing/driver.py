@@ -22,6 +22,7 @@ from typing import Any, Literal
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import struct_pb2
+from pydantic import ValidationError
 
 from ..errors import ConfigError, StreamFailed
 from ..modes import RouteModes
@@ -29,7 +30,7 @@ from ..plugin import Plugin
 from ..processor import Router, StreamProcessor
 from ..protocol import ATTRIBUTES_KEY, BUFFERED, FULL_DUPLEX, MODE_NAMES, NONE, ROUTE_ATTRIBUTE
 from ..registry import LoadedHost, assemble_host
-from ..settings import Settings, load_settings
+from ..settings import RouteSettings, ServerSettings, Settings, describe_validation_error, load_settings
 from .splits import ENVOY_CHUNK, Splitter, chunks_of
 
 #: Body modes by name, as settings spell them.
@@ -363,8 +364,8 @@ class PluginRunner:
             source = "settings"
             try:
                 loaded = Settings(**dict(settings))
-            except Exception as exc:  # pydantic's ValidationError, worded like a file's
-                raise ConfigError(f"settings: {exc}") from None
+            except ValidationError as exc:
+                raise ConfigError(describe_validation_error(source, exc)) from None
         else:
             source = str(settings)
             loaded = load_settings(settings)
@@ -510,12 +511,12 @@ def _assemble(
 
 def _validated(data: dict[str, Any]) -> dict[str, Any]:
     """Routes validated with the settings models, without reading the environment."""
-    from ..settings import RouteSettings, ServerSettings
-
-    try:
-        routes = {name: RouteSettings.model_validate(route) for name, route in data["routes"].items()}
-    except Exception as exc:
-        raise ConfigError(f"PluginRunner: {exc}") from None
+    routes = {}
+    for name, route in data["routes"].items():
+        try:
+            routes[name] = RouteSettings.model_validate(route)
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error("PluginRunner", exc, ("routes", name))) from None
     return {"server": ServerSettings(), "routes": routes, "plugins": data["plugins"]}
 
 

@@ -33,21 +33,26 @@ def chunks_of(size: int) -> Splitter:
     return split
 
 
-def split_at(*offsets: int) -> Splitter:
+class split_at:  # lower-case: used like a function, split_at(3, 10)
     """Cut bodies at these byte offsets (ignoring offsets beyond the end, and 0).
 
     ``split_at(3, 10)`` turns ``b"hello, world!"`` into ``b"hel"``, ``b"lo, wor"``, ``b"ld!"``.
     An offset given twice yields an empty chunk between, as Envoy sometimes sends.
     """
-    if any(offset < 0 for offset in offsets):
-        raise ValueError(f"offsets must not be negative: {offsets}")
-    cuts = sorted(offsets)
 
-    def split(body: bytes) -> list[bytes]:
-        points = [0, *(c for c in cuts if 0 < c < len(body)), len(body)]
-        return [body[a:b] for a, b in itertools.pairwise(points)] if body else []
+    def __init__(self, *offsets: int) -> None:
+        if any(offset < 0 for offset in offsets):
+            raise ValueError(f"offsets must not be negative: {offsets}")
+        self.offsets = tuple(sorted(offsets))
 
-    return split
+    def __call__(self, body: bytes) -> list[bytes]:
+        if not body:
+            return []
+        points = [0, *(c for c in self.offsets if 0 < c < len(body)), len(body)]
+        return [body[a:b] for a, b in itertools.pairwise(points)]
+
+    def __repr__(self) -> str:
+        return f"split_at({', '.join(map(str, self.offsets))})"
 
 
 def random_splits(seed: int, *, max_chunks: int = 8, empty_chunks: bool = False) -> Splitter:
