@@ -12,6 +12,7 @@ ext_proc disabled. Contradictions are :class:`~extproc_host.settings.ConfigError
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import ConfigError
 from .plugin import DIRECTIONS, Needs
@@ -39,7 +40,8 @@ def chain_needs(route: Route, settings: RouteSettings) -> Needs:
     for link in route.chain:
         needs = needs | link.info.cls.needs_for(link.settings)
     for part in settings.send:
-        needs = needs | Needs(**{part: "streamed" if part.endswith("_body") else True})
+        value: Any = "streamed" if part.endswith("_body") else True
+        needs = needs | Needs(**{part: value})
     return needs
 
 

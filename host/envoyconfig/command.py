@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .bootstrap import EnvoyOptions
 
 
-def add_envoy_config_parser(sub: argparse._SubParsersAction) -> None:
+def add_envoy_config_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """The ``envoy-config`` subcommand's options."""
     envoy = sub.add_parser("envoy-config", help="print the Envoy bootstrap (YAML) that matches a settings file")
     envoy.add_argument("--config", "-c", metavar="FILE", help="settings TOML file (default: built-in defaults)")
