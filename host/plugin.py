@@ -205,6 +205,11 @@ class Plugin(Generic[SettingsT]):
     Settings: ClassVar[type[BaseModel]] = NoSettings
     #: What the plugin needs Envoy to send; None: inferred from the hooks it implements.
     needs: ClassVar[Needs | None] = None
+    #: True for a plugin that only looks (a copy, an audit log, metrics): it never changes
+    #: headers, bodies or trailers and never rejects. A route whose whole chain only observes
+    #: is taken out of the data path: Envoy sends it the exchange without waiting for answers
+    #: (ext_proc's observability mode), so clients never wait for the host.
+    observes_only: ClassVar[bool] = False
 
     @classmethod
     def needs_for(cls, settings: SettingsT) -> Needs:

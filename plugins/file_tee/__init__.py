@@ -323,6 +323,7 @@ class FileTee(Plugin[FileTeeSettings]):
 
     name = "file_tee"
     Settings = FileTeeSettings
+    observes_only = True  # a copy changes nothing: routes of file_tee alone leave the data path
 
     @classmethod
     def needs_for(cls, settings: FileTeeSettings) -> Needs:
