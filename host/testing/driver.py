@@ -289,7 +289,7 @@ class _Envoy:
     ) -> list[tuple[str, str]]:
         """Apply the body answers among ``got``: the bytes Envoy forwards, and (BUFFERED) header changes."""
         for r in got:
-            if not r.HasField(kind):  # type: ignore[arg-type]
+            if not r.HasField(kind):
                 continue
             common = getattr(r, kind).response
             mutation = common.body_mutation
