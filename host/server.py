@@ -78,7 +78,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     break
             else:
                 cut = stream.incomplete()
-                if cut:  # gRPC dropped a message over the size limit and ended Envoy's side
+                if cut:  # Envoy's side ended early: the reason lists what it may have been
                     error = StreamAborted(admission.cut_short_reason(cut))
                     log.warning("%s", error)
         except (ProtocolError, DecodeError) as exc:  # DecodeError: bytes that are not a ProcessingRequest
@@ -91,7 +91,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         except asyncio.CancelledError:
             # Envoy resets the stream when it is done with it, too: only a cut body is an error.
             cut = stream.incomplete()
-            error = StreamAborted(f"{cut}: Envoy cancelled the stream (client or upstream went away)") if cut else None
+            error = StreamAborted(admission.cancelled_reason(cut)) if cut else None
             raise
         finally:
             if stream.chain is None and not self._announce:

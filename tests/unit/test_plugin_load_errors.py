@@ -153,3 +153,18 @@ def test_hyphenated_plugin_settings_from_the_environment(tmp_path: Path, monkeyp
     routes = build_routes(load_settings(path), discover(pm, [AddHeader]), str(path))
     settings = routes["default"].chain[0].settings
     assert (settings.name, settings.value) == ("x-env", "file")  # the environment wins, the rest stays
+
+
+def test_a_cut_short_body_is_not_blamed_on_max_message_bytes_alone() -> None:
+    from extproc_host.admission import Admission
+    from extproc_host.processor import Router
+    from extproc_host.registry import load_host
+
+    admission = Admission(Router(load_host(None).routes), max_message_bytes=4194304)
+    reason = admission.cut_short_reason("the request body ended before it was complete")
+    assert "client or upstream went away" in reason
+    assert "413" in reason
+    assert "max_message_bytes (4194304 bytes)" in reason
+    assert "Envoy cancelled the stream" in admission.cancelled_reason("cut")
+    admission.accepting = False  # shutting down: the host cancelled it, not Envoy
+    assert "shutdown grace period" in admission.cancelled_reason("cut")
