@@ -209,6 +209,7 @@ class _Envoy:
         self.first = True
 
     async def send(self, req: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        req.observability_mode = self.modes.observe  # Envoy sends, and awaits no answer
         if self.first:
             self.first = False
             req.protocol_config.request_body_mode = MODES[self.modes.request_body]
@@ -276,6 +277,8 @@ class _Envoy:
                 if r.HasField(f"{name}_trailers"):
                     trailers = _apply_mutation(trailers, getattr(r, f"{name}_trailers").header_mutation)
         sizes = [len(c) for c in chunks] if sends_body else []
+        if self.modes.observe:  # observability mode: what the plugins saw went on unchanged
+            return HttpMessage(list(message.headers), body, message.trailers), sizes
         return HttpMessage(headers, b"".join(out), trailers), sizes
 
     def _body_answers(
