@@ -368,3 +368,14 @@ def test_the_plugin_runner_fixture_closes_its_loops(plugin_runner) -> None:
     runner.close()
     assert runner._loop.is_closed()
     asyncio.run(asyncio.sleep(0))  # the caller's own loops are unaffected
+
+
+def test_an_observe_only_route_sends_in_observability_mode_and_forwards_bodies_untouched(tmp_path) -> None:
+    with PluginRunner("file_tee", settings={"file_tee": {"directory": str(tmp_path)}}) as runner:
+        assert runner.modes.observe
+        result = runner.exchange(request(b"copy me"), splits=split_at(3))
+    assert result.upstream.body == b"copy me"
+    assert result.client.body == b"copy me"
+    assert result.responses == []  # Envoy awaits no answer in observability mode
+    copies = sorted(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+    assert b"copy me" in copies
