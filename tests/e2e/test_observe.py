@@ -8,12 +8,12 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from e2e_clients import MiB, h1_request
+from ops_helpers import wait_until
 
 from extproc_host.stack import Stack
 
@@ -58,14 +58,6 @@ chain = ["passthrough"]
     return config
 
 
-def wait_for(path: Path, timeout: float = 20.0) -> str:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
-    return path.read_text()
-
-
 def test_generated_config_puts_observe_only_routes_in_observability_mode(tmp_path: Path) -> None:
     cmd = [str(Path(sys.executable).with_name("extproc-host")), "envoy-config", "--config", str(settings(tmp_path))]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={"PYTHONPATH": str(ROOT), "PATH": ""})
@@ -95,7 +87,9 @@ async def test_client_does_not_wait_for_an_observer_that_has_not_looked_yet(tmp_
         assert (answered.status, answered.size, answered.sha256) == (200, body.size, body.sha256)
         assert not (tmp_path / "report").exists()
         (tmp_path / "gate").touch()  # now the observer looks, and sees every byte
-        assert wait_for(tmp_path / "report") == f"{body.size} {body.sha256}"
+        report = tmp_path / "report"
+        wait_until(report.exists, 20, "the observer's report")
+        assert report.read_text() == f"{body.size} {body.sha256}"
 
 
 async def test_file_tee_alone_observes_and_its_copies_are_complete(tmp_path: Path, payload) -> None:
@@ -105,9 +99,6 @@ async def test_file_tee_alone_observes_and_its_copies_are_complete(tmp_path: Pat
         answered = await h1_request(stack.url + "/tee/upload", body=body)
         assert (answered.status, answered.size, answered.sha256) == (200, body.size, body.sha256)
         tee = tmp_path / "tee"
-        deadline = time.monotonic() + 20
-        while len(list(tee.glob("*.body"))) < 2:
-            assert time.monotonic() < deadline, sorted(p.name for p in tee.iterdir())
-            time.sleep(0.02)
+        wait_until(lambda: len(list(tee.glob("*.body"))) == 2, 20, "both copies to be complete")
         copies = sorted(tee.glob("*.body"))
         assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in copies] == [body.sha256, body.sha256]
