@@ -80,7 +80,7 @@ class Admission:
         self.accepting = True  # False once shutdown starts: new streams are refused
         self.active = 0  # streams whose plugins are not closed yet
         self.held = 0  # body bytes charged by the streams' answers now
-        self.abnormal = 0  # streams that ended with an error (the upkeep reclaims their memory)
+        self.abnormal = 0  # streams that did not run to their end (the upkeep reclaims their memory)
 
     def admits(self) -> bool:
         """Whether a new stream may start now."""
@@ -156,8 +156,6 @@ class Admission:
         failed, the limit it crossed."""
         if stream.error is not None:
             error = stream.error
-        if error is not None:
-            self.abnormal += 1
         metrics = self.metrics
         if metrics is None:
             return

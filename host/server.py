@@ -64,6 +64,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         admission.active += 1
         upkeep = self.upkeep
         upkeep.watch(stream)
+        completed = False  # the stream ran to its end (else: failed, cancelled, or closed mid-send)
         try:
             async for request in request_iterator:
                 responses = await stream.handle(request)
@@ -86,6 +87,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 if cut:  # gRPC dropped a message over the size limit and ended Envoy's side
                     error = StreamAborted(admission.cut_short_reason(cut))
                     log.warning("%s", error)
+            completed = True
         except (ProtocolError, DecodeError) as exc:  # DecodeError: bytes that are not a ProcessingRequest
             error = exc if isinstance(exc, ProtocolError) else ProtocolError(f"undecodable ProcessingRequest: {exc}")
             log.warning("stream %s: ext_proc protocol error: %s", stream.stream_id, error)
@@ -108,10 +110,11 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             # Envoy resets the stream when it is done with it, too: only a cut body is an error.
             cut = stream.incomplete()
             error = StreamAborted(f"{cut}: Envoy cancelled the stream (client or upstream went away)") if cut else None
-            admission.abnormal += 1  # grpc.aio leaves such a stream's buffers in cycles
             raise
         finally:
             upkeep.forget(stream)
+            if not completed:
+                admission.abnormal += 1  # grpc.aio may leave its buffers in cycles: reclaim them
             if stream.charged:
                 admission.release(stream)
             if stream.chain is None and not self._announce:

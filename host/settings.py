@@ -62,11 +62,11 @@ class ServerSettings(BaseModel):
     log_format: Literal["text", "json"] = "text"
     # Streams open at once beyond which new ones are refused with RESOURCE_EXHAUSTED (0: no limit).
     # Each may hold its receive window in gRPC plus its answer's bytes (docs/operating.md).
-    max_concurrent_streams: int = Field(default=256, ge=0)
+    max_concurrent_streams: int = Field(default=128, ge=0)
     # Body bytes the answers of all open streams may hold at once (the chunk received and the
     # body sent back, until gRPC took it); an answer past it fails its stream, and new streams
     # are refused while it is reached, with RESOURCE_EXHAUSTED (0: no limit).
-    max_held_bytes: int = Field(default=512 * 1024 * 1024, ge=0)
+    max_held_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     # Longest wait for Envoy's next message on a stream (or for Envoy to take an answer); past
     # it the stream fails with DEADLINE_EXCEEDED (0: no limit).
     idle_timeout_seconds: float = Field(default=300.0, ge=0)

@@ -6,7 +6,11 @@
   The hot path only counts messages (``StreamProcessor.messages``); this task compares counts
   once per tick.
 - Memory: once streams ended abnormally since the last time, a full collection and
-  ``malloc_trim`` (:func:`~extproc_host.reclaim.reclaim`), at most every ``RECLAIM_INTERVAL``.
+  ``malloc_trim`` (:func:`~extproc_host.reclaim.reclaim`), at most every ``RECLAIM_INTERVAL``,
+  and once more after a collection that found cycles (what their finalizers released). A
+  stream gRPC abandoned while it waited to send (its task is done, its handler never resumed)
+  is only finalized by a collection: one runs at the next tick, so its plugins are closed and
+  its slot freed without waiting for the interval.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class Upkeep:
         self.streams: dict[str, _Watched] = {}
         self.reclaimed = 0  # admission.abnormal at the last reclaim
         self.last_reclaim = 0.0
+        self.again = False  # the last reclaim found cycles: their finalizers may free more
         self._task: asyncio.Task[None] | None = None
 
     def watch(self, stream: StreamProcessor) -> None:
@@ -75,19 +80,31 @@ class Upkeep:
 
     def check(self, now: float) -> None:
         """One tick: time out idle streams, reclaim memory when streams ended abnormally."""
-        if self.idle_timeout:
-            for watched in list(self.streams.values()):
-                stream = watched.stream
-                if stream.messages != watched.seen:
-                    watched.seen, watched.since = stream.messages, now
-                elif now - watched.since >= self.idle_timeout and not isinstance(stream.error, IdleTimeout):
-                    self._time_out(watched, now - watched.since)
         admission = self.admission
-        if admission.abnormal != self.reclaimed and now - self.last_reclaim >= RECLAIM_INTERVAL:
+        orphaned = 0
+        for watched in list(self.streams.values()):
+            if watched.task is not None and watched.task.done():
+                # gRPC gave up on the stream while it waited to send (Envoy cancelled it): its
+                # handler is suspended for good and only a collection finalizes it (then it
+                # closes the plugins and leaves self.streams).
+                watched.task = None
+                orphaned += 1
+                continue
+            if not self.idle_timeout or watched.task is None:
+                continue
+            stream = watched.stream
+            if stream.messages != watched.seen:
+                watched.seen, watched.since = stream.messages, now
+            elif now - watched.since >= self.idle_timeout and not isinstance(stream.error, IdleTimeout):
+                self._time_out(watched, now - watched.since)
+        admission.abnormal += orphaned
+        due = now - self.last_reclaim >= (RECLAIM_INTERVAL if not orphaned else self.tick)
+        if (admission.abnormal != self.reclaimed or self.again) and due:
             self.reclaimed = admission.abnormal
             self.last_reclaim = now
             started = time.perf_counter()
             found = reclaim()
+            self.again = found > 0
             log.debug("reclaimed memory: %d objects in cycles, %.1f ms", found, (time.perf_counter() - started) * 1e3)
             if admission.metrics is not None:
                 admission.metrics.reclaims += 1
