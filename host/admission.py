@@ -110,7 +110,9 @@ class Admission:
         stream.charged = 0
 
     async def refuse(
-        self, requests: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
+        self,
+        requests: AsyncIterator[pb.ProcessingRequest],
+        context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse],
     ) -> NoReturn:
         """End a new stream with UNAVAILABLE (shutting down) or RESOURCE_EXHAUSTED (at the
         limit), after logging why and counting it as ``refused`` on its route."""
@@ -143,13 +145,26 @@ class Admission:
         raise AssertionError("unreachable: context.abort raises")
 
     def cut_short_reason(self, cut: str) -> str:
-        """Why Envoy's side of a stream ended with a body incomplete: what gRPC does with a
-        message over the size limit (Envoy then fails the exchange and logs the sizes)."""
+        """Why Envoy's side of a stream ended with a body incomplete, as far as the host can know.
+
+        grpc.aio ends the request stream the same way when Envoy half-closes it, resets it, or
+        gRPC drops a message over the size limit, so the reason lists what it may be rather than
+        guess one: a client or upstream that went away, a body Envoy refused itself (413, or a
+        response over its buffer limit), a message over ``[server] max_message_bytes``.
+        """
         return (
-            f"{cut}: Envoy's messages stopped; gRPC refuses a message over [server] max_message_bytes "
-            f"({self.max_message_bytes} bytes) with RESOURCE_EXHAUSTED, which Envoy logs as "
+            f"{cut}: Envoy's messages stopped; the client or upstream went away, Envoy refused the body itself "
+            "(413 or a response over the route's buffer limit), or a message was over [server] max_message_bytes "
+            f"({self.max_message_bytes} bytes), which gRPC refuses with RESOURCE_EXHAUSTED and Envoy logs as "
             "'Received message larger than max'"
         )
+
+    def cancelled_reason(self, cut: str) -> str:
+        """Why a stream with a body incomplete was cancelled: the host's shutdown (grace period
+        over) or Envoy resetting it (the client or upstream went away)."""
+        if not self.accepting:
+            return f"{cut}: the host cancelled the stream at the end of its shutdown grace period"
+        return f"{cut}: Envoy cancelled the stream (the client or upstream went away)"
 
     def count(self, stream: StreamProcessor, error: BaseException | None) -> None:
         """Add an ended stream to the metrics: its outcome, its body bytes, the plugin that

@@ -29,7 +29,7 @@ from .upkeep import Upkeep
 log = logging.getLogger("extproc_host.server")
 
 
-class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
+class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # generated, untyped
     """``envoy.service.ext_proc.v3.ExternalProcessor``: one Process call per HTTP exchange."""
 
     def __init__(
@@ -53,7 +53,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         return self.admission.active
 
     async def Process(
-        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[pb.ProcessingRequest],
+        context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse],
     ) -> AsyncIterator[pb.ProcessingResponse]:
         admission = self.admission
         if not admission.admits():
@@ -70,7 +72,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 responses = await stream.handle(request)
                 if stream.held:
                     admission.charge(stream)  # OverBudget past [server] max_held_bytes
-                if type(responses) is tuple or type(responses) is list:
+                if isinstance(responses, (tuple, list)):
                     if not request.observability_mode:
                         for response in responses:
                             yield response
@@ -84,7 +86,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     break
             else:
                 cut = stream.incomplete()
-                if cut:  # gRPC dropped a message over the size limit and ended Envoy's side
+                if cut:  # Envoy's side ended early: the reason lists what it may have been
                     error = StreamAborted(admission.cut_short_reason(cut))
                     log.warning("%s", error)
             completed = True
@@ -109,7 +111,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(error))
             # Envoy resets the stream when it is done with it, too: only a cut body is an error.
             cut = stream.incomplete()
-            error = StreamAborted(f"{cut}: Envoy cancelled the stream (client or upstream went away)") if cut else None
+            error = StreamAborted(admission.cancelled_reason(cut)) if cut else None
             raise
         finally:
             upkeep.forget(stream)
@@ -133,7 +135,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             self.admission.count(stream, error)
             if error is not None and not isinstance(error, StreamFailed):
                 log.debug("stream %s route %s ended: %s", stream.stream_id, stream.route_name, error)
-            if self._announce and stream.plan is not None:
+            if self._announce and self.pm is not None and stream.plan is not None:
                 self.pm.hook.stream_finished(stream=stream.stream_info(), error=error)
         finally:
             self.admission.active -= 1
