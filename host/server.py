@@ -115,7 +115,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             raise
         finally:
             upkeep.forget(stream)
-            if not completed:
+            if not completed or error is not None:
                 admission.abnormal += 1  # grpc.aio may leave its buffers in cycles: reclaim them
             if stream.charged:
                 admission.release(stream)
