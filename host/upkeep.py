@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from dataclasses import dataclass
@@ -58,7 +59,11 @@ class Upkeep:
     def watch(self, stream: StreamProcessor) -> None:
         """Follow ``stream`` (served by the current task) until :meth:`forget`."""
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="extproc-host upkeep")
+            # A context of its own: the stream's (its current_stream, for logs) would keep that
+            # stream, its plugins and their buffers alive as long as the task runs.
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="extproc-host upkeep", context=contextvars.Context()
+            )
         self.streams[stream.stream_id] = _Watched(stream, asyncio.current_task(), stream.messages, time.monotonic())
 
     def forget(self, stream: StreamProcessor) -> None:

@@ -9,6 +9,7 @@ import gc
 import logging
 import weakref
 from collections.abc import AsyncIterator, Iterator
+from typing import ClassVar
 
 import grpc
 import pytest
@@ -70,6 +71,11 @@ class Recorder(Plugin):
     """Records the error its close gets; touches request and response bodies."""
 
     name = "recorder"
+    alive: ClassVar[weakref.WeakSet[Recorder]] = weakref.WeakSet()  # instances not yet collected
+
+    def __init__(self, settings, stream) -> None:
+        super().__init__(settings, stream)
+        Recorder.alive.add(self)
 
     def on_request_body(self, chunk: bytes) -> bytes:
         return chunk
@@ -314,3 +320,13 @@ def test_grpc_cancelled_send_reports_go_down_to_debug_without_traceback() -> Non
     assert kept == logging.getLogger().isEnabledFor(logging.DEBUG)
     other = logging.LogRecord("grpc._cython.cygrpc", logging.ERROR, __file__, 1, "something else", None, None)
     assert CancelledSendFilter().filter(other) and other.levelno == logging.ERROR
+
+
+async def test_the_upkeep_task_keeps_no_stream_alive(make_envoy) -> None:
+    """The periodic task starts inside the first stream: it must not keep that stream's
+    context (and so its StreamProcessor, plugins and buffers) alive."""
+    async with make_envoy() as fake:
+        await fake.converse([request_headers(route="default"), request_body(b"a", end=True)])
+        assert fake.servicer.upkeep._task is not None
+        # gRPC lets go of the finished call's task a moment later.
+        await _wait_for(lambda: gc.collect() is not None and not Recorder.alive, "the stream's plugins to go")
