@@ -156,11 +156,11 @@ def test_hyphenated_plugin_settings_from_the_environment(tmp_path: Path, monkeyp
 
 
 def test_a_cut_short_body_is_not_blamed_on_max_message_bytes_alone() -> None:
-    from extproc_host.admission import Admission
+    from extproc_host.admission import Admission, Limits
     from extproc_host.processor import Router
     from extproc_host.registry import load_host
 
-    admission = Admission(Router(load_host(None).routes), max_message_bytes=4194304)
+    admission = Admission(Router(load_host(None).routes), limits=Limits(max_message_bytes=4194304))
     reason = admission.cut_short_reason("the request body ended before it was complete")
     assert "client or upstream went away" in reason
     assert "413" in reason
