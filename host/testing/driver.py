@@ -315,8 +315,9 @@ class PluginRunner:
     ``chain``: plugin classes or names of installed plugins, in route order. ``settings``:
     ``{plugin name: {key: value}}``, the ``[plugins.<name>]`` tables. ``mode``: the body
     mode of both directions (``request_mode``/``response_mode`` for one), else what the
-    generated Envoy config would ask for (the chain's needs). Every other keyword is a
-    ``[routes.<name>]`` key (``failure_policy``, ``send``, ``buffer_limit_bytes``).
+    generated Envoy config would ask for (the chain's needs). ``server``: ``[server]`` keys the
+    exchange depends on (``max_message_bytes``). Every other keyword is a ``[routes.<name>]``
+    key (``failure_policy``, ``send``, ``buffer_limit_bytes``).
 
     Use :meth:`from_settings` to run a route of a settings file instead. Exchanges run on a
     private event loop (:meth:`exchange`) or on the caller's (``await`` :meth:`aexchange`).
@@ -332,6 +333,7 @@ class PluginRunner:
         failure_policy: Literal["fail_closed", "fail_open"] = "fail_closed",
         send: Sequence[str] = (),
         buffer_limit_bytes: int | None = None,
+        server: Mapping[str, Any] | None = None,
     ) -> None:
         if not chain:
             raise ValueError("PluginRunner needs at least one plugin in its chain")
@@ -352,6 +354,8 @@ class PluginRunner:
             "routes": {"default": route},
             "plugins": {k: dict(v) for k, v in (settings or {}).items()},
         }
+        if server:  # [server] keys the exchange depends on, e.g. max_message_bytes
+            data["server"] = dict(server)
         uses_installed = len(classes) < len(chain)
         try:
             host = _assemble(data, classes, uses_installed, buffer_limit_bytes)
@@ -383,7 +387,12 @@ class PluginRunner:
         self.host = host
         self.route = route
         self.modes: RouteModes = host.modes[route]
-        self.router = Router({route: host.routes[route], "default": host.routes["default"]})
+        # The server's own message limit, so an answer too large for one gRPC message gets the
+        # same 413 (or failed stream) here as behind a real Envoy.
+        self.router = Router(
+            {route: host.routes[route], "default": host.routes["default"]},
+            max_message_bytes=host.settings.server.max_message_bytes,
+        )
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
@@ -520,7 +529,11 @@ def _validated(data: dict[str, Any]) -> dict[str, Any]:
             routes[name] = RouteSettings.model_validate(route)
         except ValidationError as exc:
             raise ConfigError(describe_validation_error("PluginRunner", exc, ("routes", name))) from None
-    return {"server": ServerSettings(), "routes": routes, "plugins": data["plugins"]}
+    try:
+        server = ServerSettings.model_validate(data.get("server", {}))
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error("PluginRunner", exc, ("server",))) from None
+    return {"server": server, "routes": routes, "plugins": data["plugins"]}
 
 
 __all__ = [

@@ -379,3 +379,24 @@ def test_an_observe_only_route_sends_in_observability_mode_and_forwards_bodies_u
     assert result.responses == []  # Envoy awaits no answer in observability mode
     copies = sorted(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
     assert b"copy me" in copies
+
+
+class Inflate(Plugin):
+    """Turns every request chunk into 5 MiB: more than one gRPC message may carry here."""
+
+    name = "inflate"
+
+    def on_request_body(self, chunk: bytes) -> bytes:
+        return b"z" * (5 * 1024 * 1024)
+
+
+@pytest.mark.parametrize(("mode", "status"), [("STREAMED", 413), ("BUFFERED", 413), ("FULL_DUPLEX_STREAMED", 200)])
+def test_the_runner_applies_the_servers_message_limit(mode: str, status: int) -> None:
+    """An answer over [server] max_message_bytes gets the server's 413 in the runner too; full
+    duplex splits it into pieces instead."""
+    limit = 4 * 1024 * 1024
+    runner = PluginRunner(Inflate, mode=mode, server={"max_message_bytes": limit})
+    done = runner.exchange(request(b"abc"))
+    assert done.client.status == status
+    if status == 200:
+        assert done.upstream is not None and len(done.upstream.body) == 5 * 1024 * 1024
