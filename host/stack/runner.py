@@ -295,6 +295,10 @@ class Stack:
         (``subprocess.TimeoutExpired`` if it is still running)."""
         return self._procs[name].popen.wait(timeout=timeout)
 
+    def exit_status(self, name: str) -> int | None:
+        """Process ``name``'s exit status, or None while it runs."""
+        return self._procs[name].popen.poll()
+
     def log_tails(self, lines: int = 40) -> str:
         return "\n".join(proc.tails(lines) for proc in self._procs.values())
 
