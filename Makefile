@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: constraints venv demo test test-unit test-e2e bench bench-plugins bench-workers bench-metrics bench-modes envoy-configs clean
+.PHONY: constraints venv demo test lint test-unit test-e2e bench bench-plugins bench-workers bench-metrics bench-modes envoy-configs clean
 
 venv: $(STAMP)
 
@@ -18,9 +18,20 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(VENV)/bin/extproc-host demo $(ARGS)
 
-## make test: unit tests, then end-to-end tests against a real Envoy.
-test: venv
+## make test: lint and type checks, then unit tests and end-to-end tests against a real Envoy.
+test: lint
 	$(VENV)/bin/python -m pytest -q -ra
+
+## make lint: ruff (lint, format, import order) and mypy (strict on the serving core).
+LINTED := host plugins tests benchmarks examples
+lint: venv
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+	@# mypy reads the packages under their installed names: extproc_host is host/, extproc_host_plugins is plugins/.
+	mkdir -p build/typecheck
+	ln -sfn ../../host build/typecheck/extproc_host
+	ln -sfn ../../plugins build/typecheck/extproc_host_plugins
+	$(VENV)/bin/mypy -p extproc_host -p extproc_host_plugins
 
 test-unit: venv
 	$(VENV)/bin/python -m pytest -q -ra tests/unit
@@ -28,7 +39,8 @@ test-unit: venv
 test-e2e: venv
 	$(VENV)/bin/python -m pytest -q -ra tests/e2e
 
-## make bench: side-by-side benchmark (direct Envoy, minimal passthrough, host); needs wrk (apt-get install wrk).
+## make bench: side-by-side benchmark (direct Envoy, minimal passthrough, host): uploads, wrk small requests with server CPU
+## per request, open-loop latency at 200 and 800 req/s; needs wrk (apt-get install wrk).
 bench: venv
 	$(VENV)/bin/python benchmarks/run.py $(ARGS)
 

@@ -57,7 +57,9 @@ class Admission:
         return self.accepting and not (self.max_streams and self.active >= self.max_streams)
 
     async def refuse(
-        self, requests: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
+        self,
+        requests: AsyncIterator[pb.ProcessingRequest],
+        context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse],
     ) -> NoReturn:
         """End a new stream with UNAVAILABLE (shutting down) or RESOURCE_EXHAUSTED (at the
         limit), after logging why and counting it as ``refused`` on its route."""

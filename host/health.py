@@ -51,4 +51,5 @@ def check(target: str, service: str = "", timeout: float = 5.0, ca_file: str | N
     with channel:
         request = health_pb2.HealthCheckRequest(service=service)
         response = health_pb2_grpc.HealthStub(channel).Check(request, timeout=timeout)
-    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    status: str = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    return status

@@ -173,8 +173,9 @@ class Listener:
         """Add the port to ``server``; returns the bound address to announce (the real port
         for port 0). OSError when it cannot be bound."""
         shown = self.address.target()
-        if self.address.is_unix:
-            _claim_socket_path(self.address.path)
+        path = self.address.path
+        if path is not None:
+            _claim_socket_path(path)
         try:
             if self.tls is not None:
                 bound = server.add_secure_port(shown, self.tls.credentials())
@@ -184,20 +185,21 @@ class Listener:
             raise OSError(f"cannot listen on {shown}: {exc}") from None
         if bound == 0:
             raise OSError(f"cannot listen on {shown} (address in use or not available)")
-        if self.address.is_unix:
+        if path is not None:
             # gRPC removes the file when the server stops; this covers the other ways out.
-            self._socket_inode = os.lstat(self.address.path).st_ino
+            self._socket_inode = os.lstat(path).st_ino
             atexit.register(self.close)
             return shown
         return self.address.with_port(bound).target()
 
     def close(self) -> None:
         """Remove the Unix socket file this listener created (if it is still that file)."""
-        if self._socket_inode is None:
+        path = self.address.path
+        if self._socket_inode is None or path is None:
             return
         try:
-            if os.lstat(self.address.path).st_ino == self._socket_inode:
-                os.unlink(self.address.path)
+            if os.lstat(path).st_ino == self._socket_inode:
+                os.unlink(path)
         except FileNotFoundError:
             pass
         self._socket_inode = None

@@ -50,7 +50,7 @@ class TextFormatter(logging.Formatter):
         stream_id = getattr(record, "stream_id", None)
         if stream_id is None:
             return line
-        return f"{line} [stream={stream_id} route={record.route}]"
+        return f"{line} [stream={stream_id} route={getattr(record, 'route', '?')}]"
 
 
 def json_formatter() -> logging.Formatter:

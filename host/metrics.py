@@ -105,8 +105,8 @@ class Metrics(Collector):
             labels=["plugin", "hook"],
         )
         for (plugin, hook), timer in list(self.timers.items()):
-            counts, cumulative, buckets = list(timer.counts), 0, []
-            for bound, count in zip((*map(str, HOOK_BUCKETS), "+Inf"), counts, strict=False):
+            bucket_counts, cumulative, buckets = list(timer.counts), 0, []
+            for bound, count in zip((*map(str, HOOK_BUCKETS), "+Inf"), bucket_counts, strict=True):
                 cumulative += count
                 buckets.append((bound, cumulative))
             hooks.add_metric([plugin, hook], buckets, timer.total)

@@ -12,6 +12,7 @@ ext_proc disabled. Contradictions are :class:`~extproc_host.settings.ConfigError
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import ConfigError
 from .plugin import DIRECTIONS, Needs
@@ -31,6 +32,9 @@ class RouteModes:
     buffer_limit_bytes: int | None = None
     #: True when the chain needs nothing: ext_proc is disabled on the route.
     disabled: bool = False
+    #: True when every plugin of the chain only observes: Envoy sends the exchange in
+    #: observability mode (bodies STREAMED, no answers awaited), off the data path.
+    observe: bool = False
 
 
 def chain_needs(route: Route, settings: RouteSettings) -> Needs:
@@ -39,7 +43,8 @@ def chain_needs(route: Route, settings: RouteSettings) -> Needs:
     for link in route.chain:
         needs = needs | link.info.cls.needs_for(link.settings)
     for part in settings.send:
-        needs = needs | Needs(**{part: "streamed" if part.endswith("_body") else True})
+        value: Any = "streamed" if part.endswith("_body") else True
+        needs = needs | Needs(**{part: value})
     return needs
 
 
@@ -69,10 +74,26 @@ def _body_mode(route: Route, settings: RouteSettings, needs: Needs, direction: s
     return forced
 
 
+def observes_only(route: Route, settings: RouteSettings) -> bool:
+    """Whether the route can leave the data path: every plugin only observes, the route forces
+    no body mode (a forced mode is a request to stay in the path) and needs no whole body."""
+    needs = chain_needs(route, settings)
+    return (
+        bool(route.chain)
+        and all(link.info.cls.observes_only for link in route.chain)
+        and settings.body_mode is None
+        and "buffered" not in (needs.request_body, needs.response_body)
+        and needs.anything
+    )
+
+
 def route_modes(route: Route, settings: RouteSettings, source: str) -> RouteModes:
     """What Envoy sends the host for ``route``; ConfigError on contradictory settings."""
     needs = chain_needs(route, settings)
     bodies = {d: _body_mode(route, settings, needs, d, source) for d in DIRECTIONS}
+    observe = observes_only(route, settings)
+    if observe:  # observability mode sends bodies STREAMED only
+        bodies = {d: "STREAMED" if mode != "NONE" else mode for d, mode in bodies.items()}
     limit = settings.buffer_limit_bytes
     buffered = [d for d in DIRECTIONS if bodies[d] == "BUFFERED"]
     if buffered and limit is None:
@@ -93,6 +114,7 @@ def route_modes(route: Route, settings: RouteSettings, source: str) -> RouteMode
         response_headers=needs.response_headers,
         response_trailers=needs.response_trailers or sends_body["response"],
         buffer_limit_bytes=limit,
+        observe=observe,
     )
     if not (needs.anything or any(sends_body.values())):
         return RouteModes(disabled=True)

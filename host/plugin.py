@@ -13,11 +13,12 @@ are given in place.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterable, Awaitable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Generic, Literal
 
 from pydantic import BaseModel, ConfigDict
+from typing_extensions import TypeVar
 
 
 class NoSettings(BaseModel):
@@ -153,7 +154,7 @@ class Needs:
         return any(getattr(self, f.name) for f in fields(self))
 
 
-def inferred_needs(cls: type[Plugin]) -> Needs:
+def inferred_needs(cls: type[Plugin[Any]]) -> Needs:
     """What ``cls`` needs, judged by the hooks it implements (only response body hooks ->
     the response body, streamed)."""
     needs = Needs()
@@ -176,58 +177,79 @@ class Reject(Exception):
         super().__init__(f"{status} {self.body[:200]!r}")
 
 
-class Plugin:
+#: What a body hook returns: the bytes to pass on (any bytes-like value), or an iterator or
+#: async iterator of pieces when the output is too large to hold at once.
+BodyOutput = bytes | bytearray | memoryview | Iterable[bytes] | AsyncIterable[bytes]
+#: A body hook's return value; an ``async def`` hook returns it from a coroutine.
+BodyResult = BodyOutput | Awaitable[BodyOutput]
+#: A header, trailer or close hook's return value (nothing, or a coroutine of nothing).
+HookResult = None | Awaitable[None]
+
+#: The type of a plugin's settings model (``Plugin[MySettings]`` types ``self.settings``).
+SettingsT = TypeVar("SettingsT", bound=BaseModel, default=BaseModel)
+
+
+class Plugin(Generic[SettingsT]):
     """Base class of a stream plugin. Subclass it, set ``name``, override the hooks you need.
 
     ``Settings`` is the plugin's pydantic model: the host validates ``[plugins.<name>]``
     (merged with a route's ``[routes.<route>.plugins.<name>]``) against it at start-up and
-    hands the instance to ``__init__``.
+    hands the instance to ``__init__``. Subclass ``Plugin[MySettings]`` to have
+    ``self.settings`` typed as ``MySettings``.
+
+    Hooks may be plain methods or ``async def``; body hooks may return bytes or an (async)
+    iterator of pieces (see :data:`BodyOutput`).
     """
 
     name: ClassVar[str] = ""
     Settings: ClassVar[type[BaseModel]] = NoSettings
     #: What the plugin needs Envoy to send; None: inferred from the hooks it implements.
     needs: ClassVar[Needs | None] = None
+    #: True for a plugin that only looks (a copy, an audit log, metrics): it never changes
+    #: headers, bodies or trailers and never rejects. A route whose whole chain only observes
+    #: is taken out of the data path: Envoy sends it the exchange without waiting for answers
+    #: (ext_proc's observability mode), so clients never wait for the host.
+    observes_only: ClassVar[bool] = False
 
     @classmethod
-    def needs_for(cls, settings: BaseModel) -> Needs:
+    def needs_for(cls, settings: SettingsT) -> Needs:
         """What the plugin needs with these settings: ``needs``, else inferred from its hooks.
         Override it when the settings decide (a plugin that may copy only one body)."""
         return cls.needs if cls.needs is not None else inferred_needs(cls)
 
-    def __init__(self, settings: BaseModel, stream: StreamInfo) -> None:
+    def __init__(self, settings: SettingsT, stream: StreamInfo) -> None:
         self.settings = settings
         self.stream = stream
 
-    def on_request_headers(self, headers: Headers) -> None:
+    def on_request_headers(self, headers: Headers) -> HookResult:
         """Request headers arrived; change them in place."""
 
-    def on_request_body(self, chunk: bytes) -> bytes:
+    def on_request_body(self, chunk: bytes) -> BodyResult:
         """One piece of the request body; return what goes on down the chain."""
         return chunk
 
-    def on_request_body_end(self) -> bytes:
+    def on_request_body_end(self) -> BodyResult:
         """The request body is complete; return anything still held back."""
         return b""
 
-    def on_request_trailers(self, trailers: Headers) -> None:
+    def on_request_trailers(self, trailers: Headers) -> HookResult:
         """Request trailers arrived; change them in place."""
 
-    def on_response_headers(self, headers: Headers) -> None:
+    def on_response_headers(self, headers: Headers) -> HookResult:
         """Response headers arrived; change them in place."""
 
-    def on_response_body(self, chunk: bytes) -> bytes:
+    def on_response_body(self, chunk: bytes) -> BodyResult:
         """One piece of the response body; return what goes on down the chain."""
         return chunk
 
-    def on_response_body_end(self) -> bytes:
+    def on_response_body_end(self) -> BodyResult:
         """The response body is complete; return anything still held back."""
         return b""
 
-    def on_response_trailers(self, trailers: Headers) -> None:
+    def on_response_trailers(self, trailers: Headers) -> HookResult:
         """Response trailers arrived; change them in place."""
 
-    def close(self, error: BaseException | None) -> None:
+    def close(self, error: BaseException | None) -> HookResult:
         """The stream is over: called exactly once, with the error if it failed."""
 
 
@@ -282,6 +304,6 @@ HEADER_HOOKS: dict[str, str] = {
 TIMED_HOOKS: tuple[str, ...] = tuple(h.name for h in HOOKS.values() if h.part != "close")
 
 
-def overridden_hooks(cls: type[Plugin]) -> list[str]:
+def overridden_hooks(cls: type[Plugin[Any]]) -> list[str]:
     """The hooks ``cls`` implements itself (not inherited from :class:`Plugin`)."""
     return [name for name in HOOK_NAMES if getattr(cls, name) is not getattr(Plugin, name)]

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -43,6 +43,12 @@ if TYPE_CHECKING:
     from .metrics import HookTimer, Metrics
 
 log = logging.getLogger("extproc_host.stream")
+
+
+#: What one ProcessingRequest is answered with: none, one or several responses, or (full-duplex
+#: output too large to hold at once) an async iterator of them.
+Answers = tuple[pb.ProcessingResponse, ...] | list[pb.ProcessingResponse]
+Responses = Answers | AsyncIterator[pb.ProcessingResponse]
 
 
 async def _join(pieces: AsyncIterator[bytes]) -> bytes:
@@ -134,9 +140,7 @@ class StreamProcessor:
     def route_name(self) -> str:
         return self.plan.route.name if self.plan else "?"
 
-    async def handle(
-        self, req: pb.ProcessingRequest
-    ) -> Sequence[pb.ProcessingResponse] | AsyncIterator[pb.ProcessingResponse]:
+    async def handle(self, req: pb.ProcessingRequest) -> Responses:
         """The responses for one request: none, one, several, or (full-duplex output too large
         to hold at once) an async iterator of them."""
         if self.plan is None:
@@ -208,7 +212,7 @@ class StreamProcessor:
                 if self.plan.route.failure_policy != "fail_open":
                     raise StreamFailed(str(exc)) from exc
 
-    async def _dispatch(self, kind: str | None, req: pb.ProcessingRequest) -> Sequence[pb.ProcessingResponse]:
+    async def _dispatch(self, kind: str | None, req: pb.ProcessingRequest) -> Responses:
         if kind == "request_body":
             return await self._body(self.request, kind, req.request_body, req)
         if kind == "response_body":
@@ -226,7 +230,7 @@ class StreamProcessor:
     def _active(self) -> Chain | None:
         return None if self.bypass else self.chain
 
-    async def _headers(self, d: Direction, kind: str, msg: pb.HttpHeaders) -> Sequence[pb.ProcessingResponse]:
+    async def _headers(self, d: Direction, kind: str, msg: pb.HttpHeaders) -> Answers:
         d.ended = msg.end_of_stream
         d.body_expected = not msg.end_of_stream and d.mode != NONE
         chain = self._active()
@@ -234,14 +238,15 @@ class StreamProcessor:
             return CONTINUE[kind]
         # Plugins with hooks see both header blocks in StreamInfo, whichever hooks they have.
         headers = Headers(header_items(msg.headers))
+        info = chain.info
         if d is self.request:
-            self.info.request_headers = headers
-            self.info.request_has_body = not msg.end_of_stream
+            info.request_headers = headers
+            info.request_has_body = not msg.end_of_stream
         else:
-            self.info.response_headers = headers
-            self.info.response_has_body = not msg.end_of_stream
+            info.response_headers = headers
+            info.response_has_body = not msg.end_of_stream
         hook = "on_request_headers" if d is self.request else "on_response_headers"
-        if not self.plan.touches(hook):
+        if not chain.plan.touches(hook):
             return CONTINUE[kind]
         await chain.headers(hook, headers)
         mutation = header_mutation(headers)
@@ -252,23 +257,20 @@ class StreamProcessor:
             pb.ProcessingResponse(**{kind: pb.HeadersResponse(response=pb.CommonResponse(header_mutation=mutation))}),
         )
 
-    async def _body(
-        self, d: Direction, kind: str, msg: pb.HttpBody, req: pb.ProcessingRequest
-    ) -> Sequence[pb.ProcessingResponse] | AsyncIterator[pb.ProcessingResponse]:
-        chunk = msg.body
+    async def _body(self, d: Direction, kind: str, msg: pb.HttpBody, req: pb.ProcessingRequest) -> Responses:
+        chunk: bytes = msg.body
         mode = d.mode
         # BUFFERED sends the whole body in one message, even when trailers follow.
         end = msg.end_of_stream or mode == BUFFERED
         d.body_seen = True
         d.bytes_in += len(chunk)
         chain = self._active()
-        if chain is not None and self.plan.touches_body(d.name):
+        out: bytes | AsyncIterator[bytes] = chunk
+        if chain is not None and chain.plan.touches_body(d.name):
             out = await chain.body(d.name, chunk, end)
-        else:
-            out = chunk
         if end:
             d.ended = True
-        if type(out) is not bytes:  # a plugin answered with a stream of pieces
+        if not isinstance(out, bytes):  # a plugin answered with a stream of pieces
             self.altered = True
             if mode == FULL_DUPLEX:
                 return self._streamed_from(kind, req, out, end, d)
@@ -295,19 +297,16 @@ class StreamProcessor:
             common.header_mutation.CopyFrom(header_mutation(Headers(), {"content-length": str(len(out))}))
         return (response,)
 
-    async def _trailers(
-        self, d: Direction, kind: str, trailer_map: base_pb2.HeaderMap
-    ) -> Sequence[pb.ProcessingResponse]:
+    async def _trailers(self, d: Direction, kind: str, trailer_map: base_pb2.HeaderMap) -> Answers:
         chain = self._active()
         out: list[pb.ProcessingResponse] = []
         if not d.ended:
             # Trailers end the body: flush what the plugins hold back.
             d.ended = True
             tail = b""
-            if chain is not None and self.plan.touches_body(d.name):
-                tail = await chain.body(d.name, b"", True)
-                if type(tail) is not bytes:
-                    tail = await _join(tail)
+            if chain is not None and chain.plan.touches_body(d.name):
+                flushed = await chain.body(d.name, b"", True)
+                tail = flushed if isinstance(flushed, bytes) else await _join(flushed)
                 d.bytes_out += len(tail)
             if d.mode == FULL_DUPLEX:
                 if tail:
@@ -324,7 +323,7 @@ class StreamProcessor:
                 )
         hook = "on_request_trailers" if d is self.request else "on_response_trailers"
         mutation = None
-        if chain is not None and self.plan.touches(hook):
+        if chain is not None and chain.plan.touches(hook):
             trailers = Headers(header_items(trailer_map))
             await chain.headers(hook, trailers)
             mutation = header_mutation(trailers)
@@ -345,8 +344,13 @@ class StreamProcessor:
                 for response in streamed_pieces(kind, piece, False):
                     yield response
         except PluginError as exc:
-            for response in await self._plugin_failed(kind, req, exc):
-                yield response
+            answer = await self._plugin_failed(kind, req, exc)
+            if isinstance(answer, (tuple, list)):
+                for response in answer:
+                    yield response
+            else:
+                async for response in answer:
+                    yield response
             return
         if end:
             yield streamed(kind, b"", True)
@@ -361,16 +365,14 @@ class StreamProcessor:
             exc_info=exc.error,
         )
 
-    async def _plugin_failed(
-        self, kind: str | None, req: pb.ProcessingRequest, exc: PluginError
-    ) -> Sequence[pb.ProcessingResponse]:
+    async def _plugin_failed(self, kind: str | None, req: pb.ProcessingRequest, exc: PluginError) -> Responses:
         if isinstance(exc.error, Reject) and not self.response.body_seen:
             self.error = exc.error
             self.finished = True
             return (immediate_response(exc.error),)
         self._log_failure(exc)
         self.error = exc
-        if self.plan.route.failure_policy == "fail_open" and not self.altered:
+        if self.plan is not None and self.plan.route.failure_policy == "fail_open" and not self.altered:
             # Nothing the chain made has reached Envoy yet: let the rest through untouched.
             self.bypass = True
             await self.close_plugins(exc)

@@ -84,7 +84,8 @@ def request_path(req: pb.ProcessingRequest) -> str | None:
     if req.HasField("request_headers"):
         for h in req.request_headers.headers.headers:
             if h.key == ":path":
-                return h.raw_value.decode("latin-1") if h.raw_value else h.value
+                path: str = h.raw_value.decode("latin-1") if h.raw_value else h.value
+                return path
     return None
 
 
@@ -93,7 +94,8 @@ def route_attribute(req: pb.ProcessingRequest) -> str | None:
     if ATTRIBUTES_KEY in req.attributes:
         value = req.attributes[ATTRIBUTES_KEY].fields.get(ROUTE_ATTRIBUTE)
         if value is not None:
-            return value.string_value or None
+            name: str = value.string_value
+            return name or None
     return None
 
 

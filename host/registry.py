@@ -10,11 +10,13 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pluggy
+from pluggy import HookImpl
 from pydantic import ValidationError
 
 from . import hookspecs
@@ -49,10 +51,12 @@ def make_plugin_manager(
     if os.environ.get("EXTPROC_TRACE_HOOKS"):
         trace = logging.getLogger("extproc_host.hooks")
 
-        def before(hook_name: str, hook_impls: Any, kwargs: dict[str, Any]) -> None:
+        def before(hook_name: str, hook_impls: Sequence[HookImpl], kwargs: Mapping[str, Any]) -> None:
             trace.info("hook %s(%s) -> %s", hook_name, ", ".join(kwargs), [i.plugin_name for i in hook_impls])
 
-        def after(outcome: Any, hook_name: str, hook_impls: Any, kwargs: dict[str, Any]) -> None:
+        def after(
+            outcome: pluggy.Result[Any], hook_name: str, hook_impls: Sequence[HookImpl], kwargs: Mapping[str, Any]
+        ) -> None:
             trace.info("hook %s done", hook_name)
 
         pm.add_hookcall_monitoring(before, after)

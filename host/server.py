@@ -28,7 +28,7 @@ from .settings import Settings, parse_listen
 log = logging.getLogger("extproc_host.server")
 
 
-class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
+class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # generated, untyped
     """``envoy.service.ext_proc.v3.ExternalProcessor``: one Process call per HTTP exchange."""
 
     def __init__(
@@ -52,7 +52,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         return self.admission.active
 
     async def Process(
-        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[pb.ProcessingRequest],
+        context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse],
     ) -> AsyncIterator[pb.ProcessingResponse]:
         admission = self.admission
         if not admission.admits():
@@ -64,7 +66,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         try:
             async for request in request_iterator:
                 responses = await stream.handle(request)
-                if type(responses) is tuple or type(responses) is list:
+                if isinstance(responses, (tuple, list)):
                     if not request.observability_mode:
                         for response in responses:
                             yield response
@@ -108,7 +110,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             self.admission.count(stream, error)
             if error is not None and not isinstance(error, StreamFailed):
                 log.debug("stream %s route %s ended: %s", stream.stream_id, stream.route_name, error)
-            if self._announce and stream.plan is not None:
+            if self._announce and self.pm is not None and stream.plan is not None:
                 self.pm.hook.stream_finished(stream=stream.stream_info(), error=error)
         finally:
             self.admission.active -= 1

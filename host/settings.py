@@ -136,7 +136,8 @@ class RouteSettings(BaseModel):
     def forced_body_mode(self, direction: str) -> str | None:
         """The body mode ``body_mode`` forces for ``direction`` ("request"/"response"), if any."""
         if isinstance(self.body_mode, BodyModes):
-            return getattr(self.body_mode, direction)
+            forced: str | None = getattr(self.body_mode, direction)
+            return forced
         return self.body_mode
 
     @field_validator("path_prefix")

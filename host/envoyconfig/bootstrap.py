@@ -79,6 +79,8 @@ from ..modes import RouteModes, ordered_routes, route_modes
 from ..settings import Settings
 
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+#: The second ext_proc filter, in observability mode, for routes whose chain only observes.
+EXT_PROC_OBSERVE_FILTER = "envoy.filters.http.ext_proc.observe"
 HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 # Envoy's own default per-connection buffer limit is 1 MiB: streamed chunks stay that size.
 H2_STREAM_WINDOW = 1024 * 1024
@@ -100,6 +102,9 @@ class EnvoyOptions:
     ext_proc: bool = True
     #: Seconds between gRPC health checks of each host endpoint; None: no active health check.
     health_check_interval: float | None = None
+    #: Observe-only routes: how long Envoy keeps feeding the host an exchange that is already
+    #: over for the client (observability mode's deferred_close_timeout; Envoy's default is 5).
+    observe_close_timeout: float = 5.0
 
 
 def _seconds(value: float) -> datetime.timedelta:
@@ -207,7 +212,11 @@ def build_bootstrap(
     modes = {r.name: route_modes(r, settings.routes[r.name], source) for r in ordered}
     fail_open = {r.name: r.failure_policy == "fail_open" for r in ordered}
     default = modes["default"]
-    filter_modes = default if not default.disabled else RouteModes()
+    filter_modes = default if not (default.disabled or default.observe) else RouteModes()
+    # Observe-only routes go to a second filter in observability mode, whose default modes are
+    # the first such route's (the default route's when it observes).
+    observing = [modes[r.name] for r in reversed(ordered) if modes[r.name].observe]
+    observe_modes = observing[0] if observing else None
     envoy_routes = []
     for route in ordered:
         envoy_route = Route(
@@ -216,9 +225,23 @@ def build_bootstrap(
             route=RouteAction(cluster="upstream", timeout=_seconds(0)),
         )
         if options.ext_proc:
-            per_route = _per_route(modes[route.name], fail_open[route.name], filter_modes, fail_open["default"])
+            mine = modes[route.name]
+            per_filter = {}
+            per_route = (
+                ExtProcPerRoute(disabled=True)
+                if mine.observe
+                else _per_route(mine, fail_open[route.name], filter_modes, fail_open["default"])
+            )
             if per_route is not None:
-                envoy_route.typed_per_filter_config = {EXT_PROC_FILTER: AnyMessage.pack(per_route)}
+                per_filter[EXT_PROC_FILTER] = AnyMessage.pack(per_route)
+            if observe_modes is not None:
+                observer = (
+                    _per_route(mine, True, observe_modes, True) if mine.observe else ExtProcPerRoute(disabled=True)
+                )
+                if observer is not None:
+                    per_filter[EXT_PROC_OBSERVE_FILTER] = AnyMessage.pack(observer)
+            if per_filter:
+                envoy_route.typed_per_filter_config = per_filter
             if modes[route.name].buffer_limit_bytes is not None:
                 envoy_route.request_body_buffer_limit = modes[route.name].buffer_limit_bytes
         envoy_routes.append(envoy_route)
@@ -232,6 +255,17 @@ def build_bootstrap(
             processing_mode=processing_mode(filter_modes),
         )
         http_filters.append(HttpFilter(name=EXT_PROC_FILTER, typed_config=AnyMessage.pack(ext_proc)))
+        if observe_modes is not None:
+            watcher = ExternalProcessor(
+                grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name="extproc")),
+                # Observing never fails an exchange: a host that is down or refuses is skipped.
+                failure_mode_allow=True,
+                observability_mode=True,
+                deferred_close_timeout=_seconds(options.observe_close_timeout),
+                request_attributes=["xds.route_name"],
+                processing_mode=processing_mode(observe_modes),
+            )
+            http_filters.append(HttpFilter(name=EXT_PROC_OBSERVE_FILTER, typed_config=AnyMessage.pack(watcher)))
     http_filters.append(HttpFilter(name="envoy.filters.http.router", typed_config=AnyMessage.pack(Router())))
     manager = HttpConnectionManager(
         stat_prefix="ingress",

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from .bootstrap import EnvoyOptions
 
 
-def add_envoy_config_parser(sub: argparse._SubParsersAction) -> None:
+def add_envoy_config_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """The ``envoy-config`` subcommand's options."""
     envoy = sub.add_parser("envoy-config", help="print the Envoy bootstrap (YAML) that matches a settings file")
     envoy.add_argument("--config", "-c", metavar="FILE", help="settings TOML file (default: built-in defaults)")
@@ -53,6 +53,13 @@ def add_envoy_config_parser(sub: argparse._SubParsersAction) -> None:
         metavar="S",
         help="gRPC health-check every host endpoint every S seconds, so replicas shutting down get no new streams",
     )
+    envoy.add_argument(
+        "--observe-close-timeout",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="observe-only routes: seconds Envoy keeps feeding the host an exchange the client is done with (default 5)",
+    )
     envoy.add_argument("--no-ext-proc", action="store_true", help="no ext_proc filter: Envoy straight to the upstream")
     envoy.add_argument("--output", "-o", metavar="FILE", help="write to this file instead of standard output")
     envoy.set_defaults(handler=run_envoy_config)
@@ -79,6 +86,8 @@ def _envoy_config_command(args: argparse.Namespace) -> str:
         words += ["--message-timeout", f"{args.message_timeout:g}"]
     if args.health_check is not None:
         words += ["--health-check", f"{args.health_check:g}"]
+    if args.observe_close_timeout != 5.0:
+        words += ["--observe-close-timeout", f"{args.observe_close_timeout:g}"]
     if args.no_ext_proc:
         words.append("--no-ext-proc")
     return " ".join(words)
@@ -107,6 +116,8 @@ def _envoy_options(args: argparse.Namespace) -> EnvoyOptions:
         raise ConfigError(f"--admin-port: expected a port number, got {args.admin_port}")
     if args.health_check is not None and args.health_check <= 0:
         raise ConfigError(f"--health-check: expected seconds above 0, got {args.health_check:g}")
+    if args.observe_close_timeout <= 0:
+        raise ConfigError(f"--observe-close-timeout: expected seconds above 0, got {args.observe_close_timeout:g}")
     if args.message_timeout <= 0:
         raise ConfigError(f"--message-timeout: expected seconds above 0, got {args.message_timeout:g}")
     return EnvoyOptions(
@@ -118,6 +129,7 @@ def _envoy_options(args: argparse.Namespace) -> EnvoyOptions:
         message_timeout=args.message_timeout,
         ext_proc=not args.no_ext_proc,
         health_check_interval=args.health_check,
+        observe_close_timeout=args.observe_close_timeout,
     )
 
 

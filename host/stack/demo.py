@@ -27,7 +27,7 @@ from pathlib import Path
 
 import aiohttp
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, Task, TextColumn
+from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, Task, TaskID, TextColumn
 from rich.text import Text
 
 from .demo_model import CHUNK, MODES, Body, DemoOptions, MiB, Mode, ModeResult, Upload
@@ -96,7 +96,7 @@ async def _uploads(url: str, body: Body, concurrency: int, progress: Progress, l
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False) as session:
 
-        def advance(bar: int) -> Callable[[int], None]:
+        def advance(bar: TaskID) -> Callable[[int], None]:
             def on_bytes(n: int) -> None:
                 progress.advance(bar, n)
                 progress.advance(total, n)

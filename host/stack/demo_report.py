@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -57,7 +58,7 @@ def print_table(results: Sequence[ModeResult], console: Console) -> None:
     console.print(build_table(results))
 
 
-def samples_document(results: Sequence[ModeResult], body: Body) -> dict:
+def samples_document(results: Sequence[ModeResult], body: Body) -> dict[str, Any]:
     """Everything measured, as plain JSON types (bytes and seconds)."""
     return {
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

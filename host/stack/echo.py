@@ -90,8 +90,7 @@ async def _serve(listen: str) -> None:
     site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
     await site.start()
     try:
-        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
-        bound_host, bound_port = sockets[0].getsockname()[:2]
+        bound_host, bound_port = runner.addresses[0][:2]
         print(listening_line("echo", bound_host, bound_port), flush=True)
         await stop_on_signal().wait()
     finally:

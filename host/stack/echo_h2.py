@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config
@@ -24,8 +26,12 @@ from .echo_common import BYTES_PATH, listening_line, pattern, stop_on_signal
 
 _ECHOED_HEADERS = (b"content-type", b"content-encoding")
 
+#: ASGI callables (hypercorn ships no types for them).
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-async def _send_pattern(send, n: int) -> None:
+
+async def _send_pattern(send: Send, n: int) -> None:
     headers = [(b"content-type", b"application/octet-stream"), (b"content-length", str(n).encode())]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     for block in pattern(n):
@@ -33,7 +39,7 @@ async def _send_pattern(send, n: int) -> None:
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def echo_app(scope, receive, send) -> None:
+async def echo_app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
     """ASGI application: stream the request body back (see the module docstring)."""
     if scope["type"] == "lifespan":
         while True:
@@ -91,7 +97,8 @@ async def _serve(listen: str) -> None:
     config.keep_alive_timeout = 300
     print(listening_line("echo (HTTP/1.1 and h2c)", bound_host, bound_port), flush=True)
     stop = stop_on_signal()
-    await hypercorn_serve(echo_app, config, shutdown_trigger=stop.wait, mode="asgi")
+    app: Any = echo_app  # a plain-dict ASGI app; hypercorn types scopes as TypedDicts
+    await hypercorn_serve(app, config, shutdown_trigger=stop.wait, mode="asgi")
 
 
 def serve(listen: str) -> None:

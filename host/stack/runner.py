@@ -224,7 +224,7 @@ class Stack:
         self.host_command = list(host_command) if host_command is not None else None
         # A host command replaces the extproc-host run, its config included.
         use_config = host_config is not None and self.host_command is None
-        self.host_config = project_path(host_config) if use_config else None
+        self.host_config = project_path(host_config) if use_config and host_config is not None else None
         self.host_args = list(host_args)
         self.host_env = dict(host_env or {})
         if host_drain_seconds is not None:
@@ -383,7 +383,7 @@ class Stack:
                 return match
             code = proc.popen.poll()
             if code is not None:
-                raise StackError(f"{name} exited with code {code} before listening: {proc.popen.args}")
+                raise StackError(f"{name} exited with code {code} before listening: {proc.popen.args!r}")
             if time.monotonic() > deadline:
                 raise StackError(f"{name} printed no 'listening on HOST:PORT' line within {self.startup_timeout}s")
             time.sleep(0.02)

@@ -29,13 +29,14 @@ import secrets
 import string
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from extproc_host import Needs, Plugin, hookimpl
+from extproc_host import Needs, Plugin, StreamInfo, hookimpl
 
 log = logging.getLogger(__name__)
 
@@ -259,26 +260,28 @@ class _BodyFile:
         error = None
         if batch and self.error is None:
             try:
-                if self.fd is None:
-                    self._open()
+                fd = self.fd if self.fd is not None else self._open()
                 for data in batch:
                     view = memoryview(data)
                     while view:
-                        view = view[_os_write(self.fd, view) :]
+                        view = view[_os_write(fd, view) :]
             except OSError as exc:
                 error = exc
         if outcome is not None:
             self._finish(outcome, failed=error is not None or self.error is not None)
         return error
 
-    def _open(self) -> None:
+    def _open(self) -> int:
+        """Create the hidden temporary file (never following a link, never outside the
+        directory); its descriptor."""
         os.makedirs(self.directory, exist_ok=True)
         real_dir = os.path.realpath(self.directory)
         for path in (self.tmp_path, self._final("")):
             if os.path.dirname(os.path.realpath(path)) != real_dir:
                 raise OSError(f"refusing to write outside {real_dir}: {path}")
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
-        self.fd = os.open(self.tmp_path, flags, 0o600)
+        self.fd = fd = os.open(self.tmp_path, flags, 0o600)
+        return fd
 
     def _final(self, suffix: str) -> str:
         return os.path.join(self.directory, self.name + suffix)
@@ -315,11 +318,12 @@ class _BodyFile:
             os.close(fd)
 
 
-class FileTee(Plugin):
+class FileTee(Plugin[FileTeeSettings]):
     """Copies request and/or response bodies to files; hands every chunk on untouched."""
 
     name = "file_tee"
     Settings = FileTeeSettings
+    observes_only = True  # a copy changes nothing: routes of file_tee alone leave the data path
 
     @classmethod
     def needs_for(cls, settings: FileTeeSettings) -> Needs:
@@ -329,7 +333,7 @@ class FileTee(Plugin):
             response_body="streamed" if settings.response else None,
         )
 
-    def __init__(self, settings: FileTeeSettings, stream) -> None:
+    def __init__(self, settings: FileTeeSettings, stream: StreamInfo) -> None:
         super().__init__(settings, stream)
         self._stream_key = f"{sanitise(stream.stream_id)}-{secrets.token_hex(6)}"
         self._time: str | None = None
@@ -389,5 +393,5 @@ class FileTee(Plugin):
 
 
 @hookimpl
-def register_plugins(register):
+def register_plugins(register: Callable[[type[Plugin[Any]]], None]) -> None:
     register(FileTee)

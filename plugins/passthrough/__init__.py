@@ -3,6 +3,9 @@
 It overrides no hook, so the host moves its bodies without copying them through Python code.
 """
 
+from collections.abc import Callable
+from typing import Any
+
 from extproc_host import Plugin, hookimpl
 
 
@@ -13,5 +16,5 @@ class Passthrough(Plugin):
 
 
 @hookimpl
-def register_plugins(register):
+def register_plugins(register: Callable[[type[Plugin[Any]]], None]) -> None:
     register(Passthrough)

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -65,7 +66,7 @@ async def read_file(path: Path, chunk_bytes: int) -> AsyncIterator[bytes]:
         handle.close()
 
 
-class Replace(Plugin):
+class Replace(Plugin[ReplaceSettings]):
     """Drops the body it is given and answers, at the body's end, with a file streamed in pieces."""
 
     name = "replace"
@@ -116,5 +117,5 @@ class Replace(Plugin):
 
 
 @hookimpl
-def register_plugins(register):
+def register_plugins(register: Callable[[type[Plugin[Any]]], None]) -> None:
     register(Replace)

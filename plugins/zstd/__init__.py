@@ -18,12 +18,13 @@ Both directions stream with bounded memory, whatever the body size:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import zstandard
 from pydantic import BaseModel, ConfigDict, Field
 
-from extproc_host import Headers, Needs, Plugin, Reject, hookimpl
+from extproc_host import Headers, Needs, Plugin, Reject, StreamInfo, hookimpl
 
 #: Media types that are compressed already: compressing them again costs CPU for nothing.
 DEFAULT_SKIP_CONTENT_TYPES = [
@@ -162,12 +163,12 @@ def _codings(values: list[str]) -> list[str]:
 
 def _status(headers: Headers) -> int:
     try:
-        return int(headers.get(":status", "200"))
+        return int(headers.get(":status") or "200")
     except ValueError:
         return 200
 
 
-class Zstd(Plugin):
+class Zstd(Plugin[ZstdSettings]):
     """One instance per HTTP exchange; ``self.settings`` is a :class:`ZstdSettings`."""
 
     name = "zstd"
@@ -183,12 +184,12 @@ class Zstd(Plugin):
             needs = needs | Needs(request_headers=True, response_headers=True, response_body="streamed")
         return needs
 
-    def __init__(self, settings: ZstdSettings, stream) -> None:
+    def __init__(self, settings: ZstdSettings, stream: StreamInfo) -> None:
         super().__init__(settings, stream)
-        self._compressor = None  # set when this response is being compressed
+        self._compressor: zstandard.ZstdCompressionObj | None = None  # set when compressing this response
         self._decompressing = False
         self._dctx: zstandard.ZstdDecompressor | None = None
-        self._dobj = None  # the decompressobj of the current frame
+        self._dobj: zstandard.ZstdDecompressionObj | None = None  # of the current frame
         self._frame_started = False  # the current frame has taken input
         self._decompressed = 0
 
@@ -226,9 +227,10 @@ class Zstd(Plugin):
         pending_size = 0
         view = memoryview(chunk)
         for start in range(0, len(view), INPUT_SLICE):
-            data = view[start : start + INPUT_SLICE]
+            data: bytes | memoryview = view[start : start + INPUT_SLICE]
             while data:
                 if self._dobj is None:
+                    assert self._dctx is not None  # set by on_request_headers when decompressing
                     self._dobj = self._dctx.decompressobj()
                     self._frame_started = False
                 self._frame_started = True
@@ -341,5 +343,5 @@ def _pieces(parts: list[bytes]) -> Iterator[bytes]:
 
 
 @hookimpl
-def register_plugins(register):
+def register_plugins(register: Callable[[type[Plugin[Any]]], None]) -> None:
     register(Zstd)

@@ -1,0 +1,55 @@
+"""An observe-only plugin for tests/e2e/test_observe.py, loaded by the host through
+``[server] plugin_modules = ["tests.e2e.observer_plugins"]`` with the repository root on its
+``PYTHONPATH``."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from extproc_host import Plugin, StreamInfo, hookimpl
+
+
+class GateSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    #: The plugin holds every request chunk until this file exists.
+    gate: str
+    #: Where it writes "<bytes> <sha256>" of the request body it saw, once complete.
+    report: str
+
+
+class GatedObserver(Plugin[GateSettings]):
+    """Only looks at the request body, and not before its gate file exists: a stand-in for
+    an observer slower than the traffic (a slow disk, a remote audit log)."""
+
+    name = "gated_observer"
+    Settings = GateSettings
+    observes_only = True
+
+    def __init__(self, settings: GateSettings, stream: StreamInfo) -> None:
+        super().__init__(settings, stream)
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    async def on_request_body(self, chunk: bytes) -> bytes:
+        while not os.path.exists(self.settings.gate):
+            await asyncio.sleep(0.01)
+        self.digest.update(chunk)
+        self.size += len(chunk)
+        return chunk
+
+    def on_request_body_end(self) -> bytes:
+        Path(self.settings.report).write_text(f"{self.size} {self.digest.hexdigest()}")
+        return b""
+
+
+@hookimpl
+def register_plugins(register: Callable[[type[Plugin[Any]]], None]) -> None:
+    register(GatedObserver)
