@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: constraints venv demo test lint test-unit test-e2e bench bench-plugins bench-workers bench-metrics bench-modes envoy-configs clean
+.PHONY: constraints venv demo test lint test-unit test-e2e bench bench-plugins bench-workers bench-metrics bench-modes bench-storm envoy-configs clean
 
 venv: $(STAMP)
 
@@ -64,6 +64,10 @@ bench-modes: venv
 	$(VENV)/bin/python benchmarks/run.py --setups host --only upload,small-fd --generate-envoy \
 		--host-config benchmarks/send_everything.toml \
 		--plugin response-only=benchmarks/response_only.toml $(ARGS)
+
+## make bench-storm: 300 streams whose answers are never read, then cancelled: host RSS idle, peak, after; limits hit.
+bench-storm: venv
+	$(VENV)/bin/python benchmarks/storm.py $(ARGS)
 
 ## make envoy-configs: regenerate envoy/*.yaml from config/*.toml (tests fail when they are stale).
 # EXTPROC_* environment overrides are left out: the files must depend on config/ alone.

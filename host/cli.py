@@ -1,4 +1,5 @@
-"""The ``extproc-host`` command: serve (the default), init, check, plugins, health, envoy-config, echo, demo.
+"""The ``extproc-host`` command: serve (the default), init, check, plugins, health, envoy-config, echo, demo,
+new-plugin.
 
 Each subcommand's parser carries its handler (``set_defaults(handler=...)``); every handler that
 reads a settings file starts from :func:`~extproc_host.registry.load_host`. Commands whose
@@ -15,6 +16,7 @@ from importlib.metadata import version
 from .envoyconfig.command import add_envoy_config_parser
 from .errors import ConfigError
 from .listeners import ListenAddress, parse_address
+from .modes import RouteModes
 from .registry import load_host
 from .settings import parse_listen
 
@@ -122,6 +124,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler=_demo)
     add_envoy_config_parser(sub)
+    new_plugin = sub.add_parser(
+        "new-plugin", help="write a new plugin package: pyproject with the entry point, plugin, settings, tests, README"
+    )
+    new_plugin.add_argument("name", help="the plugin's name, as routes list it in their chain (e.g. card-redact)")
+    new_plugin.add_argument("--directory", "-d", default=".", help="where to create the package (default: here)")
+    new_plugin.set_defaults(handler=_new_plugin)
     return parser
 
 
@@ -232,8 +240,26 @@ def _check(args: argparse.Namespace) -> int:
         chain = " -> ".join(link.info.name for link in route.chain)
         where = f" (path prefix {route.path_prefix})" if route.path_prefix else ""
         print(f"route {name}{where}: {chain} [{route.failure_policy}]")
+        print(f"  Envoy sends: {describe_modes(host.modes[name])}")
     print(f"{args.config}: OK, listen {settings.server.listen}")
     return 0
+
+
+def describe_modes(modes: RouteModes) -> str:
+    """One line saying what a route asks Envoy for (``check``)."""
+    if modes.disabled:
+        return "nothing (ext_proc disabled on this route: its chain needs nothing)"
+    parts = [
+        "request headers",
+        f"request body {modes.request_body}",
+        f"request trailers {'SEND' if modes.request_trailers else 'SKIP'}",
+        f"response headers {'SEND' if modes.response_headers else 'SKIP'}",
+        f"response body {modes.response_body}",
+        f"response trailers {'SEND' if modes.response_trailers else 'SKIP'}",
+    ]
+    if modes.buffer_limit_bytes is not None:
+        parts.append(f"buffer limit {modes.buffer_limit_bytes} bytes")
+    return ", ".join(parts)
 
 
 def _plugins(args: argparse.Namespace) -> int:
@@ -242,9 +268,12 @@ def _plugins(args: argparse.Namespace) -> int:
 
     from .registry import discover, make_plugin_manager
 
+    pm = make_plugin_manager()
     table = Table("plugin", "version", "distribution", "hooks", title="installed extproc-host plugins")
-    for info in discover(make_plugin_manager()).values():
+    for info in discover(pm).values():
         table.add_row(info.name, info.version, info.distribution, ", ".join(info.hooks) or "(none: passes everything)")
+    for broken in pm.broken.values():
+        table.add_row(broken.entry_point, broken.version, broken.distribution, f"BROKEN: {broken.error}", style="red")
     Console().print(table)
     return 0
 
@@ -290,6 +319,12 @@ def _demo(args: argparse.Namespace) -> int:
         keep_copies=args.keep_copies,
     )
     return run(options)
+
+
+def _new_plugin(args: argparse.Namespace) -> int:
+    from .testing.scaffold import run_new_plugin
+
+    return run_new_plugin(args)
 
 
 def _configure_logging(level: str, fmt: str = "text") -> None:

@@ -4,6 +4,8 @@
 - :class:`PluginError`: a plugin hook raised; the route's failure policy decides what follows.
 - :class:`StreamAborted`, :class:`StreamFailed`, :class:`ProtocolError`: how a stream ended
   when it did not end well.
+- :class:`LimitExceeded` and its kinds: the stream crossed one of the host's documented limits
+  (``[server]`` settings); the message names the setting.
 
 ``Reject`` is not here: it is part of the plugin API (:mod:`extproc_host.plugin`).
 """
@@ -36,3 +38,31 @@ class StreamFailed(Exception):
 class ProtocolError(StreamFailed):
     """The data plane broke the ext_proc protocol (a message out of order, a message with no
     kind, an unknown body mode): the stream ends with INVALID_ARGUMENT."""
+
+
+class LimitExceeded(StreamFailed):
+    """The stream crossed one of the host's limits; ``setting`` names the ``[server]`` key.
+
+    Plugins see it as the error their ``close`` gets; the stream counts as ``failed``."""
+
+    #: The gRPC status the stream ends with (a name of ``grpc.StatusCode``).
+    status = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, setting: str, message: str) -> None:
+        self.setting = setting
+        super().__init__(message)
+
+
+class AnswerTooLarge(LimitExceeded):
+    """The chain's output for one STREAMED or BUFFERED message is larger than one gRPC message
+    may be (``[server] max_message_bytes``): it cannot be sent back to Envoy."""
+
+
+class OverBudget(LimitExceeded):
+    """Sending this answer would take the bytes the host holds past ``[server] max_held_bytes``."""
+
+
+class IdleTimeout(LimitExceeded):
+    """No message came from Envoy for ``[server] idle_timeout_seconds``."""
+
+    status = "DEADLINE_EXCEEDED"

@@ -39,6 +39,33 @@ class StreamFilter(logging.Filter):
         return True
 
 
+#: Loggers through which grpc.aio reports a stream cancelled while the host was sending to it.
+GRPC_LOGGERS = ("grpc._cython.cygrpc", "asyncio")
+
+
+class CancelledSendFilter(logging.Filter):
+    """Turns grpc.aio's report of a send cut by a cancelled stream (``ExecuteBatchError``,
+    an ERROR with a traceback) into a DEBUG line without one: Envoy resetting a stream while an
+    answer was on its way is an ordinary end of that stream, counted as aborted."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if type(error).__name__ != "ExecuteBatchError" and "ExecuteBatchError" not in str(record.msg):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.exc_info = None
+        record.exc_text = None
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
+def quiet_cancelled_sends() -> None:
+    """Install :class:`CancelledSendFilter` on grpc.aio's loggers (once)."""
+    for name in GRPC_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, CancelledSendFilter) for f in logger.filters):
+            logger.addFilter(CancelledSendFilter())
+
+
 class TextFormatter(logging.Formatter):
     """``TIME LEVEL LOGGER: MESSAGE`` plus `` [stream=ID route=NAME]`` on records about a stream."""
 
@@ -73,3 +100,4 @@ def configure(level: str, fmt: str = "text", stream: Any = None) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper()))
+    quiet_cancelled_sends()

@@ -57,6 +57,10 @@ class Metrics(Collector):
         self.timers: dict[tuple[str, str], HookTimer] = {}
         self.errors: dict[str, int] = {}
         self.active: Callable[[], float] = lambda: 0
+        self.held: Callable[[], float] = lambda: 0
+        self.refused: dict[str, int] = {}  # reason -> new streams refused
+        self.limit_failures: dict[str, int] = {}  # [server] setting -> streams failed by it
+        self.reclaims = 0  # memory reclaims after streams ended abnormally
         self.registry = CollectorRegistry()
         self.registry.register(self)
 
@@ -80,9 +84,12 @@ class Metrics(Collector):
     def plugin_failed(self, plugin: str) -> None:
         self.errors[plugin] = self.errors.get(plugin, 0) + 1
 
-    def track_active(self, count: Callable[[], float]) -> None:
-        """Read the open-stream gauge from ``count()`` at each scrape (nothing on the hot path)."""
+    def track_active(self, count: Callable[[], float], held: Callable[[], float] | None = None) -> None:
+        """Read the open-stream gauge from ``count()`` (and the held-bytes gauge from
+        ``held()``) at each scrape (nothing on the hot path)."""
         self.active = count
+        if held is not None:
+            self.held = held
 
     def collect(self) -> Iterator[Metric]:
         """The metric families, built from the plain counts (called by the exporter at scrape)."""
@@ -118,7 +125,29 @@ class Metrics(Collector):
         active = GaugeMetricFamily(
             "extproc_active_streams", "ext_proc streams open now (plugins not closed yet)", value=self.active()
         )
-        return iter((streams, body, hooks, errors, active))
+        held = GaugeMetricFamily(
+            "extproc_held_bytes",
+            "Body bytes the open streams' answers hold now ([server] max_held_bytes bounds it)",
+            value=self.held(),
+        )
+        refused = CounterMetricFamily(
+            "extproc_streams_refused",
+            "New streams refused, by reason: shutting_down, max_concurrent_streams, max_held_bytes",
+            labels=["reason"],
+        )
+        for reason, value in list(self.refused.items()):
+            refused.add_metric([reason], value)
+        limits = CounterMetricFamily(
+            "extproc_stream_limit_failures",
+            "Streams failed by a [server] limit: max_message_bytes, max_held_bytes, idle_timeout_seconds",
+            labels=["limit"],
+        )
+        for limit, value in list(self.limit_failures.items()):
+            limits.add_metric([limit], value)
+        reclaims = CounterMetricFamily(
+            "extproc_memory_reclaims", "Garbage collections run after streams ended abnormally", value=self.reclaims
+        )
+        return iter((streams, body, hooks, errors, active, held, refused, limits, reclaims))
 
     def serve(self, host: str, port: int) -> int:
         """Start the HTTP exporter (a daemon thread) on ``host:port``; return the bound port."""

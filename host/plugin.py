@@ -37,7 +37,10 @@ class Headers:
     __slots__ = ("_items", "appended", "removed", "set_headers")
 
     def __init__(self, items: list[tuple[str, str]] | None = None) -> None:
-        self._items: list[tuple[str, str]] = items if items is not None else []
+        # Envoy's names are lower-case already; names given by hand (tests, Reject) may not be.
+        self._items: list[tuple[str, str]] = (
+            [(k if k.islower() else k.lower(), v) for k, v in items] if items is not None else []
+        )
         self.set_headers: dict[str, str] = {}
         self.appended: list[tuple[str, str]] = []
         self.removed: set[str] = set()

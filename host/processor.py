@@ -6,6 +6,11 @@
 - BUFFERED: the one body message is answered with the whole new body, and ``content-length``
   is set when the size changed.
 - Headers and trailers: one answer each, carrying the plugins' changes.
+
+STREAMED and BUFFERED answer a message with one message, so the chain's output for it must fit
+in one gRPC message (``[server] max_message_bytes``): a larger output fails the stream with
+:class:`~extproc_host.errors.AnswerTooLarge` (a 413 local reply while the response has not
+started) instead of reaching gRPC, which would refuse to send it.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from .chain import Chain, ChainPlan
-from .errors import PluginError, ProtocolError, StreamAborted, StreamFailed
+from .errors import AnswerTooLarge, PluginError, ProtocolError, StreamAborted, StreamFailed
 from .plugin import Headers, Reject, StreamInfo
 from .protocol import (
     BUFFERED,
@@ -51,8 +56,24 @@ Answers = tuple[pb.ProcessingResponse, ...] | list[pb.ProcessingResponse]
 Responses = Answers | AsyncIterator[pb.ProcessingResponse]
 
 
-async def _join(pieces: AsyncIterator[bytes]) -> bytes:
-    return b"".join([piece async for piece in pieces])
+#: Room left in a message for what surrounds the body (the message's framing, the
+#: content-length header BUFFERED answers set).
+ANSWER_OVERHEAD = 64 * 1024
+
+
+async def _join(pieces: AsyncIterator[bytes], limit: int) -> bytes | None:
+    """The pieces joined, or None (the rest left unread) once they pass ``limit`` bytes."""
+    parts: list[bytes] = []
+    size = 0
+    async for piece in pieces:
+        size += len(piece)
+        if size > limit:
+            aclose = getattr(pieces, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            return None
+        parts.append(piece)
+    return b"".join(parts)
 
 
 # ProcessingRequest kind -> (direction attribute, part of the exchange it carries).
@@ -70,10 +91,14 @@ class Router:
     """Picks a route's chain plan: by Envoy route name, else by path prefix, else ``default``.
 
     With ``metrics``, every plugin hook the routes use is timed (``hook_timers``).
+    ``max_message_bytes``: the largest gRPC message the server sends (0: no limit); the body of
+    a STREAMED or BUFFERED answer may take all of it but ``ANSWER_OVERHEAD``.
     """
 
-    def __init__(self, routes: dict[str, Route], metrics: Metrics | None = None) -> None:
+    def __init__(self, routes: dict[str, Route], metrics: Metrics | None = None, max_message_bytes: int = 0) -> None:
         self.metrics = metrics
+        self.max_message_bytes = max_message_bytes
+        self.max_answer_bytes = max_message_bytes - ANSWER_OVERHEAD if max_message_bytes else 2**62
         self.hook_timers: dict[tuple[str, str], HookTimer] | None = (
             metrics.bind(routes.values()) if metrics is not None else None
         )
@@ -135,6 +160,9 @@ class StreamProcessor:
     bypass: bool = False  # failed open: the rest of the stream passes untouched
     finished: bool = False  # an ImmediateResponse ended the exchange
     error: BaseException | None = None
+    messages: int = 0  # messages received from Envoy (the idle timeout watches it move)
+    held: int = 0  # body bytes the current answer holds: the chunk received plus the one sent
+    charged: int = 0  # of those, what the server's byte budget counts for this stream now
 
     @property
     def route_name(self) -> str:
@@ -143,6 +171,8 @@ class StreamProcessor:
     async def handle(self, req: pb.ProcessingRequest) -> Responses:
         """The responses for one request: none, one, several, or (full-duplex output too large
         to hold at once) an async iterator of them."""
+        self.messages += 1
+        self.held = 0
         if self.plan is None:
             self._start(req)
         kind = req.WhichOneof("request")
@@ -274,8 +304,15 @@ class StreamProcessor:
             self.altered = True
             if mode == FULL_DUPLEX:
                 return self._streamed_from(kind, req, out, end, d)
-            out = await _join(out)  # the other modes answer a chunk with one message
+            # The other modes answer a chunk with one message.
+            joined = await _join(out, self.router.max_answer_bytes)
+            if joined is None:
+                return self._too_large(d)
+            out = joined
+        elif mode != FULL_DUPLEX and len(out) > self.router.max_answer_bytes:
+            return self._too_large(d)
         d.bytes_out += len(out)
+        self.held = len(chunk) + (len(out) if out is not chunk or mode == FULL_DUPLEX else 0)
         if mode == FULL_DUPLEX:
             if out is not chunk:
                 self.altered = True
@@ -306,7 +343,14 @@ class StreamProcessor:
             tail = b""
             if chain is not None and chain.plan.touches_body(d.name):
                 flushed = await chain.body(d.name, b"", True)
-                tail = flushed if isinstance(flushed, bytes) else await _join(flushed)
+                if isinstance(flushed, bytes):
+                    tail = flushed
+                else:
+                    fits = self.router.max_answer_bytes if d.mode != FULL_DUPLEX else 2**62  # FD splits it
+                    joined = await _join(flushed, fits)
+                    if joined is None:
+                        return self._too_large(d)
+                    tail = joined
                 d.bytes_out += len(tail)
             if d.mode == FULL_DUPLEX:
                 if tail:
@@ -341,6 +385,7 @@ class StreamProcessor:
         try:
             async for piece in pieces:
                 d.bytes_out += len(piece)
+                self.held = len(piece)
                 for response in streamed_pieces(kind, piece, False):
                     yield response
         except PluginError as exc:
@@ -354,6 +399,26 @@ class StreamProcessor:
             return
         if end:
             yield streamed(kind, b"", True)
+
+    def _too_large(self, d: Direction) -> Answers:
+        """Fail the stream: the chain's output for one STREAMED or BUFFERED message does not fit
+        in one gRPC message. A 413 local reply while the response has not started (the client
+        sees why), else a gRPC error (Envoy resets the exchange)."""
+        limit = self.router.max_message_bytes
+        mode = MODE_NAMES.get(d.mode, "?")
+        exc = AnswerTooLarge(
+            "max_message_bytes",
+            f"stream {self.stream_id} route {self.route_name}: the chain's output for one {mode} {d.name} body "
+            f"message is over {self.router.max_answer_bytes} bytes, more than one gRPC message may carry "
+            f"([server] max_message_bytes = {limit}); FULL_DUPLEX_STREAMED sends any output in pieces",
+        )
+        log.warning("%s", exc)
+        self.error = exc
+        if not self.response.body_seen:
+            self.finished = True
+            reject = Reject(413, f"body too large: {d.name} body output exceeds the host's message limit\n")
+            return (immediate_response(reject),)
+        raise exc
 
     def _log_failure(self, exc: PluginError) -> None:
         log.error(

@@ -15,8 +15,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf.message import DecodeError
 
-from .admission import Admission
-from .errors import ProtocolError, StreamAborted, StreamFailed
+from .admission import Admission, Limits
+from .errors import IdleTimeout, LimitExceeded, ProtocolError, StreamAborted, StreamFailed
 from .health import Health
 from .listeners import ListenAddress, Listener, parse_address
 from .logs import current_stream
@@ -24,6 +24,7 @@ from .metrics import Metrics
 from .processor import Router, StreamProcessor
 from .routes import Route
 from .settings import Settings, parse_listen
+from .upkeep import Upkeep
 
 log = logging.getLogger("extproc_host.server")
 
@@ -36,12 +37,12 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         router: Router,
         pm: pluggy.PluginManager | None = None,
         *,
-        max_streams: int = 0,
-        max_message_bytes: int = 0,
+        limits: Limits | None = None,
     ) -> None:
         self.router = router
         self.pm = pm
-        self.admission = Admission(router, router.metrics, max_streams, max_message_bytes)
+        self.admission = Admission(router, router.metrics, limits)
+        self.upkeep = Upkeep(self.admission)
         self._ids = itertools.count(1)
         self._announce = pm is not None and bool(pm.hook.stream_finished.get_hookimpls())
         self._finishing: set[asyncio.Future[None]] = set()
@@ -63,9 +64,14 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         current_stream.set(stream)
         error: BaseException | None = None
         admission.active += 1
+        upkeep = self.upkeep
+        upkeep.watch(stream)
+        completed = False  # the stream ran to its end (else: failed, cancelled, or closed mid-send)
         try:
             async for request in request_iterator:
                 responses = await stream.handle(request)
+                if stream.held:
+                    admission.charge(stream)  # OverBudget past [server] max_held_bytes
                 if isinstance(responses, (tuple, list)):
                     if not request.observability_mode:
                         for response in responses:
@@ -74,26 +80,45 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     async for response in responses:
                         if not request.observability_mode:
                             yield response
+                if stream.charged:
+                    admission.release(stream)
                 if stream.finished:
                     break
             else:
                 cut = stream.incomplete()
-                if cut:  # gRPC dropped a message over the size limit and ended Envoy's side
+                if cut:  # Envoy's side ended early: the reason lists what it may have been
                     error = StreamAborted(admission.cut_short_reason(cut))
                     log.warning("%s", error)
+            completed = True
         except (ProtocolError, DecodeError) as exc:  # DecodeError: bytes that are not a ProcessingRequest
             error = exc if isinstance(exc, ProtocolError) else ProtocolError(f"undecodable ProcessingRequest: {exc}")
             log.warning("stream %s: ext_proc protocol error: %s", stream.stream_id, error)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except LimitExceeded as exc:
+            error = stream.error = exc
+            if not isinstance(exc, IdleTimeout):  # the upkeep logged that one
+                log.warning("%s", exc)
+            await context.abort(getattr(grpc.StatusCode, exc.status), str(exc))
         except StreamFailed as exc:
             error = exc
             await context.abort(grpc.StatusCode.INTERNAL, str(exc))
         except asyncio.CancelledError:
+            if isinstance(stream.error, IdleTimeout):  # the upkeep cancelled it: say why
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                error = stream.error
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(error))
             # Envoy resets the stream when it is done with it, too: only a cut body is an error.
             cut = stream.incomplete()
-            error = StreamAborted(f"{cut}: Envoy cancelled the stream (client or upstream went away)") if cut else None
+            error = StreamAborted(admission.cancelled_reason(cut)) if cut else None
             raise
         finally:
+            upkeep.forget(stream)
+            if not completed or error is not None:
+                admission.abnormal += 1  # grpc.aio may leave its buffers in cycles: reclaim them
+            if stream.charged:
+                admission.release(stream)
             if stream.chain is None and not self._announce:
                 admission.active -= 1  # no plugin instance to close and nobody to tell
                 admission.count(stream, error)
@@ -157,13 +182,8 @@ async def serve(
     listener = Listener(parse_address(listen or settings.server.listen), settings.server.tls)
     server = grpc.aio.server(options=server_options(settings, reuse_port))
     metrics = start_metrics(settings)
-    router = Router(routes, metrics)
-    servicer = ExternalProcessor(
-        router,
-        pm,
-        max_streams=settings.server.max_concurrent_streams,
-        max_message_bytes=settings.server.max_message_bytes,
-    )
+    router = Router(routes, metrics, settings.server.max_message_bytes)
+    servicer = ExternalProcessor(router, pm, limits=Limits.from_settings(settings.server))
     pb_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
     health = Health(server)
     await health.starting()
@@ -172,7 +192,7 @@ async def serve(
     pm.hook.host_started(settings=settings)
     await health.serving()
     if metrics is not None:
-        metrics.track_active(lambda: servicer.active)
+        metrics.track_active(lambda: servicer.active, lambda: servicer.admission.held)
     # Everything loaded so far lives as long as the process: keep it out of every collection.
     gc.collect()
     gc.freeze()
@@ -256,4 +276,5 @@ async def graceful_stop(
         log.warning("%s: cancelling %d open streams", why, servicer.active)
     await server.stop(0)  # cancels whatever is still open
     await servicer.drain()  # streams cut by the stop still close their plugins (files finished)
+    servicer.upkeep.stop()
     log.info("stopped")

@@ -67,7 +67,15 @@ class ServerSettings(BaseModel):
     # "json": one JSON object per line (log collectors); "text": human-readable lines.
     log_format: Literal["text", "json"] = "text"
     # Streams open at once beyond which new ones are refused with RESOURCE_EXHAUSTED (0: no limit).
-    max_concurrent_streams: int = Field(default=0, ge=0)
+    # Each may hold its receive window in gRPC plus its answer's bytes (docs/operating.md).
+    max_concurrent_streams: int = Field(default=128, ge=0)
+    # Body bytes the answers of all open streams may hold at once (the chunk received and the
+    # body sent back, until gRPC took it); an answer past it fails its stream, and new streams
+    # are refused while it is reached, with RESOURCE_EXHAUSTED (0: no limit).
+    max_held_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    # Longest wait for Envoy's next message on a stream (or for Envoy to take an answer); past
+    # it the stream fails with DEADLINE_EXCEEDED (0: no limit).
+    idle_timeout_seconds: float = Field(default=300.0, ge=0)
     # Prometheus exporter "HOST:PORT" (port 0: any free port); None: no metrics.
     metrics_listen: str | None = None
     # uvloop takes 15-30% less host CPU per small request than asyncio's default loop.

@@ -3,7 +3,7 @@
 The supervisor (the process started by the user) checks that the port is free (picking one for
 port 0), then starts N children, each running the ordinary server bound with SO_REUSEPORT: the
 kernel spreads incoming connections across them. Envoy sends many streams over one HTTP/2
-connection, so what is spread is connections (see the README on Envoy's side).
+connection, so what is spread is connections (docs/scaling.md, on Envoy's side).
 
 It prints ``extproc-host listening on HOST:PORT`` once every child is serving, forwards
 SIGTERM and SIGINT to the children and waits for them. It restarts nothing: a child that dies

@@ -4,7 +4,7 @@ Built from envoy-data-plane's typed messages (a misspelt field is a Python error
 Envoy rejects at start-up), turned into a dict and then YAML. One Envoy route per settings
 route, matching its ``path_prefix`` (longest first, ``default`` last on ``/``); the ext_proc
 filter sends ``xds.route_name``; each route gets the processing mode its chain needs
-(:mod:`extproc_host.route_modes`) and its failure policy (``fail_open`` ->
+(:mod:`extproc_host.modes`) and its failure policy (``fail_open`` ->
 ``failure_mode_allow``). Two clusters: ``extproc`` (HTTP/2, the host) and ``upstream``.
 
 envoy-data-plane takes a moment to import: only this command imports this module.

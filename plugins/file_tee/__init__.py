@@ -11,12 +11,16 @@ event loop, so a slow disk holds back only the stream whose copy is behind.
     directory = "temp"
     name = "{route}-{stream}-{direction}.body"
 
-A file is written under a hidden temporary name (``.<name>.<random>.tmp``) and renamed to
-``<name>`` only when its body ended normally. A body cut short (client gone, Envoy reset,
-another plugin failed) ends as ``<name>.partial`` or is deleted (``on_abort``); a body longer
-than ``max_bytes`` ends as ``<name>.truncated`` holding its first ``max_bytes`` bytes; a body
-whose copy failed to write (disk full) ends as ``<name>.partial``. Nothing but a complete copy
-ever carries the plain name.
+A file is written under a hidden temporary name (``.<name>.<host>-<pid>-<random>.tmp``) and
+renamed to ``<name>`` only when its body ended normally. A body cut short (client gone, Envoy
+reset, another plugin failed) ends as ``<name>.partial`` or is deleted (``on_abort``); a body
+longer than ``max_bytes`` ends as ``<name>.truncated`` holding its first ``max_bytes`` bytes; a
+body whose copy failed to write (disk full) ends as ``<name>.partial``. Nothing but a complete
+copy ever carries the plain name.
+
+Leftovers: at start-up the host deletes the temporary files that a process of this machine
+(same host name) left when it was killed (its pid is gone, or is the starting process's own);
+``.partial`` files are kept up to ``max_partial_files`` per directory, the oldest deleted first.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import logging
 import os
 import re
 import secrets
+import socket
 import string
 import threading
 import time
@@ -56,6 +61,11 @@ FIELD_MAX = 64
 NAME_MAX = 200
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 _os_write = os.write  # one name to replace in tests that simulate a full disk
+#: Who writes a temporary file: this machine's name (no '-') and the process id.
+_WRITER = f"{re.sub(r'[^A-Za-z0-9_]', '_', socket.gethostname())[:32]}-{os.getpid()}"
+#: A temporary file's name: ``.<name>.<host>-<pid>-<random>.tmp``.
+_TMP_NAME = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>[0-9]+)-[0-9a-f]{8}\.tmp$")
+PARTIAL = ".partial"
 
 #: Worker threads shared by every file_tee file of the process; each file has at most one job
 #: in flight, so its writes stay in order while different files are written in parallel.
@@ -102,6 +112,9 @@ class FileTeeSettings(BaseModel):
     #: Bytes of one body that may wait in memory for the disk; past this the stream (only this
     #: one) waits for its copy to catch up before its chunk goes on.
     queue_bytes: int = Field(default=8 * 1024 * 1024, ge=0)
+    #: Most ``.partial`` files kept in ``directory``: when a body cut short leaves one more, the
+    #: oldest are deleted (None: keep every one).
+    max_partial_files: int | None = Field(default=100, ge=0)
 
     @field_validator("directory")
     @classmethod
@@ -172,7 +185,7 @@ class _BodyFile:
         self.label = label
         self.directory = str(settings.directory)
         self.name = name
-        self.tmp_path = os.path.join(self.directory, f".{name}.{secrets.token_hex(4)}.tmp")
+        self.tmp_path = os.path.join(self.directory, f".{name}.{_WRITER}-{secrets.token_hex(4)}.tmp")
         self.fd: int | None = None  # touched only by the one job in flight
         self.pending: list[bytes] = []
         self.pending_bytes = 0  # queued or being written
@@ -295,15 +308,17 @@ class _BodyFile:
                 if self.settings.on_abort == "delete":
                     os.unlink(self.tmp_path)
                     return
-                suffix = ".partial"
+                suffix = PARTIAL
             else:
                 if self.fd is None:
                     if failed:
                         return
                     self._open()  # an empty body still gets its (empty) file
                 self._close_fd()
-                suffix = ".partial" if failed else ".truncated" if self.truncated else ""
+                suffix = PARTIAL if failed else ".truncated" if self.truncated else ""
             os.replace(self.tmp_path, self._final(suffix))
+            if suffix == PARTIAL and self.settings.max_partial_files is not None:
+                prune_partials(self.directory, self.settings.max_partial_files)
         except OSError as exc:
             log.error("file_tee: %s: cannot finish %s: %s", self.label, self.tmp_path, exc)
             self._close_fd()
@@ -316,6 +331,65 @@ class _BodyFile:
         fd, self.fd = self.fd, None
         if fd is not None:
             os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_leftover_temporaries(directory: str) -> list[str]:
+    """Delete the temporary files in ``directory`` that a killed process of this machine left
+    (its pid is gone or is ours: at start-up we have written nothing yet); their names."""
+    host, _, me = _WRITER.rpartition("-")
+    removed: list[str] = []
+    try:
+        entries = os.listdir(directory)
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        found = _TMP_NAME.match(entry)
+        if found is None or found["host"] != host:
+            continue
+        if found["pid"] != me and _alive(int(found["pid"])):
+            continue  # another live process (a worker) is writing it
+        try:
+            os.unlink(os.path.join(directory, entry))
+        except FileNotFoundError:
+            continue
+        removed.append(entry)
+    return removed
+
+
+def prune_partials(directory: str, keep: int) -> list[str]:
+    """Delete the oldest ``.partial`` files of ``directory`` beyond the newest ``keep``; their names."""
+    partials = []
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.name.endswith(PARTIAL) and not entry.name.startswith("."):
+                    try:
+                        partials.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.name))
+                    except FileNotFoundError:
+                        continue
+    except FileNotFoundError:
+        return []
+    if len(partials) <= keep:
+        return []
+    partials.sort()
+    removed: list[str] = []
+    for _, name in partials[: len(partials) - keep]:
+        try:
+            os.unlink(os.path.join(directory, name))
+        except FileNotFoundError:
+            continue
+        removed.append(name)
+    return removed
 
 
 class FileTee(Plugin[FileTeeSettings]):
@@ -395,3 +469,26 @@ class FileTee(Plugin[FileTeeSettings]):
 @hookimpl
 def register_plugins(register: Callable[[type[Plugin[Any]]], None]) -> None:
     register(FileTee)
+
+
+@hookimpl
+def host_started(settings: Any) -> None:
+    """Clean the directories of every route that runs file_tee: temporary files a killed host
+    left, and ``.partial`` files beyond ``max_partial_files``."""
+    seen: set[tuple[str, int | None]] = set()
+    for route in settings.routes.values():
+        if FileTee.name not in route.chain:
+            continue
+        merged = {**settings.plugins.get(FileTee.name, {}), **route.plugins.get(FileTee.name, {})}
+        tee = FileTeeSettings(**merged)
+        seen.add((str(tee.directory), tee.max_partial_files))
+    for directory, keep in sorted(seen, key=str):
+        removed = remove_leftover_temporaries(directory)
+        if removed:
+            log.info("file_tee: removed %d temporary files a stopped host left in %s", len(removed), directory)
+        if keep is not None:
+            pruned = prune_partials(directory, keep)
+            if pruned:
+                log.info(
+                    "file_tee: removed %d old .partial files in %s (max_partial_files %d)", len(pruned), directory, keep
+                )

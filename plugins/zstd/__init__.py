@@ -10,9 +10,11 @@ Both directions stream with bounded memory, whatever the body size:
   require header changes to be made.
 - Requests: the body is decompressed in small input slices and handed on in pieces of at most
   1 MiB, so a small body that expands hugely (a "zip bomb") never sits in memory whole. A body
-  that decompresses past ``max_decompressed_bytes``, is not valid zstd, or ends in the middle
+  that decompresses past ``max_decompressed_bytes``, or to more than ``max_ratio`` times its
+  compressed size (once past ``RATIO_FREE_BYTES``), is not valid zstd, or ends in the middle
   of a frame is answered with a 413 or 400 local reply (Envoy resets the upstream request), so
-  the upstream never gets a truncated body that looks complete.
+  the upstream never gets a truncated body that looks complete. The ratio limit bounds what a
+  small request can make Envoy hold on its way to the upstream.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ GiB = 1024 * MiB
 INPUT_SLICE = 2048
 #: Largest piece of decompressed output handed on at once.
 OUTPUT_PIECE = 1 * MiB
+#: Decompressed bytes a request body may reach whatever its ratio (small, very repetitive
+#: bodies compress far beyond any sensible ratio limit).
+RATIO_FREE_BYTES = 1 * MiB
 
 #: RFC 9110 token characters (a content-coding name).
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+$")
@@ -90,6 +95,11 @@ class ZstdSettings(BaseModel):
 
     max_decompressed_bytes: int = Field(GiB, ge=1)
     """Largest request body accepted after decompression; past it the client gets a 413."""
+
+    max_ratio: float = Field(100.0, ge=0)
+    """Largest ratio of decompressed to compressed bytes accepted in a request body, checked as
+    it decompresses once past 1 MiB of output; past it the client gets a 413 (0: no ratio
+    limit). Real data compresses 3-10x, logs and JSON up to ~50x; a body of zeros 30,000x."""
 
     max_window_bytes: int = Field(8 * MiB, ge=1024, le=2 * GiB)
     """Largest zstd window accepted in a request body (the decompressor's memory per stream).
@@ -192,6 +202,7 @@ class Zstd(Plugin[ZstdSettings]):
         self._dobj: zstandard.ZstdDecompressionObj | None = None  # of the current frame
         self._frame_started = False  # the current frame has taken input
         self._decompressed = 0
+        self._compressed = 0  # compressed request bytes fed to the decompressor
 
     # ---- requests ----
 
@@ -223,11 +234,13 @@ class Zstd(Plugin[ZstdSettings]):
     def _decompress(self, chunk: bytes) -> Iterator[bytes]:
         """Decompressed pieces of ``chunk`` (at most OUTPUT_PIECE each), frame after frame."""
         limit = self.settings.max_decompressed_bytes
+        ratio = self.settings.max_ratio
         pending: list[bytes] = []
         pending_size = 0
         view = memoryview(chunk)
         for start in range(0, len(view), INPUT_SLICE):
             data: bytes | memoryview = view[start : start + INPUT_SLICE]
+            self._compressed += len(data)
             while data:
                 if self._dobj is None:
                     assert self._dctx is not None  # set by on_request_headers when decompressing
@@ -250,6 +263,12 @@ class Zstd(Plugin[ZstdSettings]):
                     raise Reject(
                         413,
                         f"zstd request body decompresses to more than {limit} bytes, the limit\n",
+                        _TEXT,
+                    )
+                if ratio and self._decompressed > RATIO_FREE_BYTES and self._decompressed > ratio * self._compressed:
+                    raise Reject(
+                        413,
+                        f"zstd request body decompresses to more than {ratio:g} times its compressed size, the limit\n",
                         _TEXT,
                     )
                 pending.append(out)

@@ -44,12 +44,21 @@ def test_envoy_killed_mid_upload_leaves_only_partial_files(tmp_path: Path, paylo
             bodies = [PausedUpload(body.path, pause_after=4 * MiB) for _ in range(UPLOADS)]
             tasks = [asyncio.create_task(upload(stack.url + ROUTE, b)) for b in bodies]
             await asyncio.wait_for(asyncio.gather(*(b.paused.wait() for b in bodies)), timeout=30)
-            # Every upload is mid-body and its stream open in the host: kill Envoy.
+            # Every upload is mid-body, its stream open in the host and its copy started (the
+            # hidden temporary file exists): kill Envoy.
             await asyncio.to_thread(
                 wait_until,
                 lambda: sample(scrape(stack.metrics_url), "extproc_active_streams") == UPLOADS,
                 10.0,
                 f"{UPLOADS} open streams",
+            )
+            await asyncio.to_thread(
+                wait_until,
+                lambda: (
+                    len([p for p in tee.iterdir() if p.name.startswith(".") and "-request.body." in p.name]) == UPLOADS
+                ),
+                10.0,
+                f"{UPLOADS} request copies started",
             )
             stack.send_signal("envoy", signal.SIGKILL)
             stack.wait_exit("envoy", timeout=10)

@@ -1,6 +1,7 @@
 """The host killed (SIGKILL) in the middle of a 70 MiB full-duplex upload, through a real Envoy:
 the client gets a 5xx or a reset, never a 200 with a body; while the host is down Envoy answers
-5xx; once the host is back on its port, the next uploads come back byte for byte."""
+5xx; once the host is back on its port, the next uploads come back byte for byte. A killed
+host's temporary file_tee copy is removed when it restarts."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 import aiohttp
 import pytest
 from e2e_clients import MiB, Payload, h1_request
+from ops_helpers import PausedUpload, wait_until
 
 from extproc_host.stack import Stack
 
@@ -104,3 +106,41 @@ async def test_host_killed_mid_upload_then_restarted(killable_stack, payload):
     for _ in range(5):
         echoed = await h1_request(stack.url + ROUTE, body=big)
         assert (echoed.status, echoed.size, echoed.sha256) == (200, big.size, big.sha256)
+
+
+async def test_temporary_copies_left_by_a_killed_host_are_removed_at_restart(tmp_path, payload):
+    """SIGKILL leaves file_tee's hidden temporary file behind; the restarted host removes it
+    before it serves (it can never become a complete copy)."""
+    tee = tmp_path / "tee"
+    config = tmp_path / "host.toml"
+    config.write_text(f'[plugins.file_tee]\ndirectory = "{tee}"\n[routes.default]\nchain = ["file_tee"]\n')
+    body = payload(8 * MiB)
+    with Stack(None, config) as stack:  # Envoy's config generated from these settings
+        paused = PausedUpload(body.path, pause_after=2 * MiB)
+
+        async def upload() -> None:
+            try:
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.post(stack.url + ROUTE, data=paused.chunks()) as response,
+                ):
+                    await response.read()
+            except aiohttp.ClientError:
+                pass
+
+        task = asyncio.create_task(upload())
+        await asyncio.wait_for(paused.paused.wait(), timeout=30)
+
+        def temporaries() -> list[str]:
+            return [p.name for p in tee.iterdir() if p.name.endswith(".tmp")] if tee.exists() else []
+
+        await asyncio.to_thread(wait_until, temporaries, 15.0, "the request copy to start")
+        stack.kill_host()
+        paused.release()
+        await asyncio.wait_for(task, timeout=30)
+        left = temporaries()
+        assert left and all(name.startswith(".") for name in left), left
+        await asyncio.to_thread(stack.restart_host)
+        assert temporaries() == []
+        echoed = await h1_request(stack.url + ROUTE, body=payload(64 * 1024))
+        assert echoed.status == 200

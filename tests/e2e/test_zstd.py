@@ -47,7 +47,13 @@ def zstd_stack(tmp_path_factory):
     default_limit = "max_decompressed_bytes = 1073741824"
     assert default_limit in text
     config = tmp_path_factory.mktemp("zstd-config") / "zstd.toml"
-    config.write_text(text.replace(default_limit, f"max_decompressed_bytes = {LIMIT}"))
+    default_ratio = "max_ratio = 100"
+    assert default_ratio in text
+    # No ratio limit here: the size limit is what these tests trip (tests/e2e/test_limits.py
+    # covers the ratio).
+    config.write_text(
+        text.replace(default_limit, f"max_decompressed_bytes = {LIMIT}").replace(default_ratio, "max_ratio = 0")
+    )
     with Stack("envoy/full_duplex.yaml", host_config=config) as running:
         yield running
 

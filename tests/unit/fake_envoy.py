@@ -16,6 +16,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 
+from extproc_host.admission import Limits
 from extproc_host.metrics import Metrics
 from extproc_host.processor import Router
 from extproc_host.registry import build_routes, discover, make_plugin_manager
@@ -153,7 +154,8 @@ async def fake_envoy(
         pm.register(module)
     routes = build_routes(settings, discover(pm), config_path)
     server = grpc.aio.server(options=server_options(settings))
-    servicer = servicer_class(Router(routes, metrics), pm)
+    limits = Limits.from_settings(settings.server)
+    servicer = servicer_class(Router(routes, metrics, settings.server.max_message_bytes), pm, limits=limits)
     pb_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -167,3 +169,4 @@ async def fake_envoy(
         await channel.close()
         await server.stop(None)
         await servicer.drain()
+        servicer.upkeep.stop()

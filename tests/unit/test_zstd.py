@@ -38,6 +38,12 @@ max_decompressed_bytes = 100000
 min_bytes = 100
 skip_content_types = ["text/csv", "application/vnd.ms-*"]
 
+[routes.no-ratio]
+chain = ["zstd"]
+
+[routes.no-ratio.plugins.zstd]
+max_ratio = 0
+
 [routes.off]
 chain = ["zstd"]
 
@@ -389,7 +395,7 @@ async def test_a_bomb_comes_out_in_bounded_pieces(envoy):
     plain = bytes(64 * MiB)
     data = zstandard.ZstdCompressor().compress(plain)
     assert len(data) < 64 * 1024
-    conv = await _upload(envoy, [data])
+    conv = await _upload(envoy, [data], route="no-ratio")
     assert conv.code == grpc.StatusCode.OK, conv.details
     pieces = _stream_bodies(conv, "request_body", FD)
     assert max(len(p) for p in pieces) <= plugin.OUTPUT_PIECE
@@ -435,6 +441,28 @@ async def test_too_large_after_decompression_is_413(envoy, mode):
     if mode == FD:
         body, flags = conv.streamed("request_body")
         assert len(body) <= 100_000 and True not in flags
+
+
+@pytest.mark.parametrize("mode", [FD, STREAMED, BUFFERED], ids=["fd", "streamed", "buffered"])
+async def test_expansion_past_max_ratio_is_413_with_little_sent_on(envoy, mode):
+    plain = bytes(64 * MiB)
+    data = zstandard.ZstdCompressor().compress(plain)
+    conv = await _upload(envoy, _split(data, 1024), mode)
+    _rejected(conv, 413, "more than 100 times its compressed size")
+    if mode == FD:  # what went on before the limit: about max_ratio times the input so far
+        body, flags = conv.streamed("request_body")
+        assert len(body) <= plugin.RATIO_FREE_BYTES + 100 * len(data) and True not in flags
+
+
+async def test_a_ratio_under_max_ratio_or_a_body_under_the_free_bytes_passes(envoy):
+    text = _compressible(4 * MiB)
+    data = zstandard.ZstdCompressor().compress(text)
+    assert len(text) / len(data) < 100
+    conv = await _upload(envoy, _split(data, 4096))
+    assert conv.streamed("request_body")[0] == text
+    small = bytes(plugin.RATIO_FREE_BYTES)  # compresses thousands of times, but is small
+    conv = await _upload(envoy, [zstandard.ZstdCompressor().compress(small)])
+    assert conv.streamed("request_body")[0] == small
 
 
 async def test_exactly_the_limit_passes(envoy):
