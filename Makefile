@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test lint test-unit test-e2e bench bench-plugins bench-workers bench-metrics bench-modes bench-storm envoy-configs clean
+.PHONY: constraints venv demo test lint test-unit test-e2e bench bench-plugins bench-workers bench-metrics bench-modes bench-storm envoy-configs clean
 
 venv: $(STAMP)
 
@@ -80,6 +80,18 @@ envoy-configs: venv
 	$(ENVOY_CONFIG) --config config/full_duplex.toml --host-address host:9001 --upstream echo:8080 --health-check 2 -o envoy/compose.yaml
 	$(ENVOY_CONFIG) --config deploy/host.toml --listen 0.0.0.0:10000 --admin-address 0.0.0.0 \
 		--host-address extproc-host:9001 --upstream echo:8080 --health-check 2 -o deploy/envoy.yaml
+
+## make constraints: regenerate constraints.txt (the image's pinned versions) from a clean install of '.[stack]'.
+constraints:
+	rm -rf build/constraints-venv build/constraints-wheel
+	$(PYTHON) -m venv build/constraints-venv
+	build/constraints-venv/bin/pip install --quiet --upgrade pip
+	build/constraints-venv/bin/pip wheel --quiet --no-deps -w build/constraints-wheel .
+	build/constraints-venv/bin/pip install --quiet "$$(ls build/constraints-wheel/extproc_host-*.whl)[stack]"
+	{ echo "# Versions the container image installs (pip install -c constraints.txt), from a clean install of"; \
+	  echo "# '.[stack]' on Python 3.11: regenerate with make constraints (a test checks every runtime dependency is pinned)."; \
+	  build/constraints-venv/bin/pip freeze --exclude extproc-host; } > constraints.txt
+	rm -rf build/constraints-venv build/constraints-wheel
 
 clean:
 	rm -rf $(VENV) build *.egg-info

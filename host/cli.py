@@ -1,4 +1,4 @@
-"""The ``extproc-host`` command: serve (the default), check, plugins, health, envoy-config, echo, demo,
+"""The ``extproc-host`` command: serve (the default), init, check, plugins, health, envoy-config, echo, demo,
 new-plugin.
 
 Each subcommand's parser carries its handler (``set_defaults(handler=...)``); every handler that
@@ -66,6 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], help="overrides [server] log_level"
     )
+
+    init = sub.add_parser(
+        "init", help="write a commented starter settings file (extproc-host.toml) into the current directory"
+    )
+    init.add_argument("--envoy", action="store_true", help="also write envoy.yaml, the Envoy config for those settings")
+    init.add_argument("--force", action="store_true", help="overwrite files that exist")
+    init.set_defaults(handler=_init)
 
     check = sub.add_parser("check", help="validate a settings file and its plugins' settings, then exit")
     check.add_argument("--config", "-c", required=True, help="settings TOML file")
@@ -199,6 +206,31 @@ def _health(args: argparse.Namespace) -> int:
         return 1
     print(status)
     return 0 if status == "SERVING" else 1
+
+
+def _init(args: argparse.Namespace) -> int:
+    """Write extproc-host.toml (and with --envoy, envoy.yaml generated from it)."""
+    from pathlib import Path
+
+    from .starter import ENVOY_NAME, SETTINGS_NAME, WouldOverwrite, check_free, write_starter
+
+    settings, envoy = Path(SETTINGS_NAME), Path(ENVOY_NAME)
+    try:
+        check_free([settings, envoy] if args.envoy else [settings], args.force)
+    except WouldOverwrite as exc:
+        print(f"extproc-host init: {exc}", file=sys.stderr)
+        return 1
+    write_starter(settings)
+    print(f"wrote {settings}: edit it, then: extproc-host check --config {settings}")
+    if args.envoy:
+        # The Envoy health check that the starter's drain_seconds (5 s) is sized for.
+        command = ["envoy-config", "--config", str(settings), "--health-check", "2", "-o", str(envoy)]
+        envoy_args = _parser().parse_args(command)
+        status: int = envoy_args.handler(envoy_args)
+        if status != 0:
+            return status
+        print(f"wrote {envoy}: envoy -c {envoy} (Envoy on :18080, the host on 127.0.0.1:9001, upstream 127.0.0.1:8080)")
+    return 0
 
 
 def _check(args: argparse.Namespace) -> int:

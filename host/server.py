@@ -202,15 +202,24 @@ async def serve(
         on_ready(shown)
     log.info("serving routes %s on %s%s", ", ".join(router.plans), shown, " (TLS)" if listener.tls else "")
 
+    stopped_by: list[int] = []  # the first signal
     stop = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        stopped_by.append(signum)
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     await stop.wait()
-    hurry = asyncio.Event()  # a second signal ends the grace period at once
+    hurry = asyncio.Event()  # a second signal ends the drain delay and the grace period at once
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, hurry.set)
-    await graceful_stop(server, servicer, health, settings.server.grace_seconds, hurry)
+    # SIGTERM comes from an orchestrator whose load balancer must see the host go first;
+    # Ctrl-C (SIGINT) comes from a terminal: no drain delay.
+    drain = settings.server.drain_seconds if stopped_by[0] == signal.SIGTERM else 0.0
+    await graceful_stop(server, servicer, health, settings.server.grace_seconds, hurry, drain=drain)
     if metrics is not None:
         metrics.close()
 
@@ -232,20 +241,33 @@ def start_metrics(settings: Settings) -> Metrics | None:
 
 
 async def graceful_stop(
-    server: grpc.aio.Server, servicer: ExternalProcessor, health: Health, grace: float, hurry: asyncio.Event
+    server: grpc.aio.Server,
+    servicer: ExternalProcessor,
+    health: Health,
+    grace: float,
+    hurry: asyncio.Event,
+    *,
+    drain: float = 0.0,
 ) -> None:
-    """Shutdown: NOT_SERVING at once, refuse new streams, let open ones finish for up to
-    ``grace`` seconds (or until ``hurry`` is set), then cancel the rest (their plugins are
-    still closed).
+    """Shutdown: NOT_SERVING at once; for ``drain`` seconds keep serving new streams while
+    health checkers take the host out (drain.py); then refuse new streams and let open ones
+    finish for up to ``grace`` seconds; then cancel the rest (their plugins are still closed).
+    ``hurry`` (a second signal) ends the drain delay and the grace period at once.
 
-    The server keeps running during the grace period, so health checks are answered
-    (NOT_SERVING) rather than refused: grpc's own ``server.stop(grace)`` would refuse every
-    new call, health checks included, and then cancel open streams at the end of the grace.
+    The server keeps running throughout, so health checks are answered (NOT_SERVING) rather
+    than refused: grpc's own ``server.stop(grace)`` would refuse every new call, health checks
+    included, and then cancel open streams at the end of the grace.
     """
     await health.shutting_down()
+    loop = asyncio.get_running_loop()
+    if drain > 0:
+        log.info("shutting down: NOT_SERVING, still taking new streams for %.1fs (drain_seconds)", drain)
+        try:
+            await asyncio.wait_for(hurry.wait(), drain)
+        except TimeoutError:
+            pass
     servicer.admission.accepting = False
     log.info("shutting down: new streams refused, waiting up to %.1fs for %d open streams", grace, servicer.active)
-    loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
     while servicer.active and loop.time() < deadline and not hurry.is_set():
         await asyncio.sleep(0.05)

@@ -27,6 +27,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from .drain import DEFAULT_DRAIN_SECONDS
 from .errors import ConfigError
 from .listeners import TlsSettings, parse_address, split_host_port
 
@@ -51,6 +52,11 @@ class ServerSettings(BaseModel):
     listen: str = DEFAULT_LISTEN
     # Above the largest BUFFERED body Envoy may send (envoy/full_duplex.yaml allows 64 MiB).
     max_message_bytes: int = Field(default=128 * 1024 * 1024, ge=4 * 1024 * 1024)
+    # On SIGTERM: first drain_seconds reporting NOT_SERVING while still serving new streams,
+    # so health checkers take the host out before it refuses any (drain.py; the default
+    # matches envoy-config --health-check 2), then grace_seconds for the open streams to finish.
+    # A container's stop period must exceed drain_seconds + grace_seconds.
+    drain_seconds: float = Field(default=DEFAULT_DRAIN_SECONDS, ge=0)
     grace_seconds: float = Field(default=10.0, ge=0)
     # HTTP/2 receive window per ext_proc stream: how far gRPC reads ahead of the plugin chain,
     # so the bytes a stream can hold in the host. 0: gRPC's automatic window (BDP probing),

@@ -28,6 +28,7 @@ with warnings.catch_warnings():
         CircuitBreakers,
         CircuitBreakersThresholds,
         Cluster,
+        ClusterCommonLbConfig,
         ClusterDiscoveryType,
         ClusterDnsLookupFamily,
     )
@@ -68,9 +69,11 @@ with warnings.catch_warnings():
         HttpProtocolOptions,
         HttpProtocolOptionsExplicitHttpConfig,
     )
+    from envoy_data_plane.envoy.type.v3 import Percent
     from envoy_data_plane.google.protobuf import Any as AnyMessage
 
 from .. import routes as host_routes
+from ..drain import UNHEALTHY_THRESHOLD
 from ..listeners import UNIX_PREFIX, parse_address
 from ..modes import RouteModes, ordered_routes, route_modes
 from ..settings import Settings
@@ -189,12 +192,13 @@ def _per_route(
 def _health_check(interval: float) -> HealthCheck:
     """Active gRPC health checks of every host endpoint (grpc.health.v1, service ""): a replica
     that reports NOT_SERVING, as the host does from the moment its shutdown starts, gets no new
-    streams while its open ones finish."""
+    streams while its open ones finish. Envoy sees it within interval x UNHEALTHY_THRESHOLD:
+    the host's drain delay (drain.drain_seconds_for) covers that."""
     return HealthCheck(
         timeout=_seconds(min(2.0, interval)),
         interval=_seconds(interval),
         no_traffic_interval=_seconds(interval),  # Envoy's default, 60 s, applies until traffic flows
-        unhealthy_threshold=2,  # one slow answer from a busy host is not a verdict
+        unhealthy_threshold=UNHEALTHY_THRESHOLD,  # one slow answer from a busy host is not a verdict
         healthy_threshold=1,
         grpc_health_check=HealthCheckGrpcHealthCheck(service_name=""),
     )
@@ -293,6 +297,9 @@ def build_bootstrap(
         extproc = _cluster("extproc", options.host_address or settings.server.listen, http2=True)
         if options.health_check_interval is not None:
             extproc.health_checks = [_health_check(options.health_check_interval)]
+            # No panic mode: with fewer than half the replicas healthy (scaling 3 -> 1), Envoy
+            # would otherwise spread streams over the stopping ones too, which refuse them.
+            extproc.common_lb_config = ClusterCommonLbConfig(healthy_panic_threshold=Percent(value=0))
         clusters.append(extproc)
     clusters.append(_cluster("upstream", options.upstream, http2=False))
     admin = Admin(

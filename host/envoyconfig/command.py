@@ -10,6 +10,7 @@ import ipaddress
 import sys
 from typing import TYPE_CHECKING
 
+from ..drain import UNHEALTHY_THRESHOLD, drain_seconds_for
 from ..errors import ConfigError
 from ..registry import load_host
 from ..settings import parse_listen
@@ -132,6 +133,22 @@ def _envoy_options(args: argparse.Namespace) -> EnvoyOptions:
     )
 
 
+def _drain_advice(interval: float, drain_seconds: float, source: str) -> str:
+    """The header lines that tie the health check to the host's drain delay; a warning on
+    stderr when the settings' ``drain_seconds`` is too short for this health check."""
+    needed = drain_seconds_for(interval)
+    if drain_seconds < needed:
+        print(
+            f"extproc-host envoy-config: warning: {source}: [server] drain_seconds = {drain_seconds:g} is shorter "
+            f"than this health check needs ({needed:g}): a stopping host would refuse streams Envoy still sends it",
+            file=sys.stderr,
+        )
+    return (
+        f"Envoy marks a stopping host unhealthy within {interval:g} s x {UNHEALTHY_THRESHOLD} failed checks: the host's\n"
+        f"[server] drain_seconds must be at least {needed:g} (these settings: {drain_seconds:g})."
+    )
+
+
 def run_envoy_config(args: argparse.Namespace) -> int:
     """Print (or write with -o) the Envoy bootstrap for ``args.config``."""
     host = load_host(args.config)  # settings, plugins and routes checked as for serve
@@ -141,9 +158,10 @@ def run_envoy_config(args: argparse.Namespace) -> int:
     bootstrap = build_bootstrap(host.settings, host.routes, options, host.source)
     header = (
         f"Envoy bootstrap generated from {args.config or 'the built-in default settings'}: do not edit, regenerate it with\n"
-        f"  {_envoy_config_command(args)}\n"
-        "(make envoy-configs regenerates every file in envoy/)."
+        f"  {_envoy_config_command(args)}"
     )
+    if args.health_check is not None:
+        header += "\n" + _drain_advice(args.health_check, host.settings.server.drain_seconds, host.source)
     text = render_yaml(bootstrap, header)
     if args.output:
         try:

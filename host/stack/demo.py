@@ -6,7 +6,8 @@ in STREAMED, then through Envoy alone (no ext_proc) as the reference. Each mode 
 stack (:class:`~extproc_host.stack.Stack`: Envoy, echo, host on free ports), so its memory
 figures are its own. While the uploads run, Envoy's and the host's RSS are sampled every 0.1 s.
 Every echoed body is hashed as it streams back and compared with the file's sha256; the copies
-file_tee makes on the full-duplex route (config/full_duplex.toml) go to a temporary directory
+file_tee makes on the full-duplex route (the demo settings shipped with the package, the same as
+config/full_duplex.toml) go to a temporary directory
 and are checked too. :mod:`extproc_host.stack.demo_report` prints the table and writes the chart and
 the raw samples.
 """
@@ -132,7 +133,7 @@ def _blocked_signals() -> Iterator[None]:
 def running_stack(mode: Mode, tee_dir: Path | None) -> Iterator[Stack]:
     """A fresh stack for ``mode``, stopped on the way out whatever happens (Ctrl-C included)."""
     env = {"EXTPROC_PLUGINS__FILE_TEE__DIRECTORY": str(tee_dir)} if tee_dir is not None else {}
-    stack = Stack(mode.envoy_config, mode.host_config, host_env=env, start=False)
+    stack = Stack(None, mode.host_config, host_env=env, start=False)
     try:
         stack.start()
         yield stack
@@ -243,7 +244,7 @@ def run(options: DemoOptions, console: Console | None = None) -> int:
             )
             if "full-duplex" in options.modes:
                 console.print(
-                    "The FULL_DUPLEX_STREAMED route runs file_tee (config/full_duplex.toml): both bodies of "
+                    "The FULL_DUPLEX_STREAMED route runs file_tee (the demo settings, config/full_duplex.toml): both bodies of "
                     "every upload are copied to files, which are checked too, then deleted.",
                     soft_wrap=True,
                 )

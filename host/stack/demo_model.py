@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data import DEMO_SETTINGS, data_path
 from .runner import RssSample
 
 MiB = 1024 * 1024
@@ -18,32 +19,30 @@ CHUNK = MiB
 
 @dataclass(frozen=True)
 class Mode:
-    """One run of the experiment: which Envoy config, which host settings, which path."""
+    """One run of the experiment: which host settings (None: Envoy alone), which path. Envoy's
+    config is generated from the settings (``extproc-host envoy-config``, ``--no-ext-proc``
+    without a host), so the demo needs nothing but the installed package."""
 
     key: str
     label: str
-    envoy_config: str
-    host_config: str | None
+    host_config: Path | None
     path: str
 
     @property
     def tees(self) -> bool:
-        """Whether config/full_duplex.toml's file_tee copies this mode's bodies."""
+        """Whether the demo settings' file_tee copies this mode's bodies."""
         return self.key == "full-duplex"
 
+
+#: The demo's host settings, shipped with the package (config/full_duplex.toml in a checkout).
+DEMO_CONFIG = data_path(DEMO_SETTINGS)
 
 MODES: dict[str, Mode] = {
     m.key: m
     for m in (
-        Mode(
-            "full-duplex",
-            "FULL_DUPLEX_STREAMED",
-            "envoy/full_duplex.yaml",
-            "config/full_duplex.toml",
-            "/full-duplex-streamed",
-        ),
-        Mode("streamed", "STREAMED", "envoy/full_duplex.yaml", "config/full_duplex.toml", "/streamed"),
-        Mode("direct", "Envoy alone (no ext_proc)", "envoy/direct.yaml", None, "/"),
+        Mode("full-duplex", "FULL_DUPLEX_STREAMED", DEMO_CONFIG, "/full-duplex-streamed"),
+        Mode("streamed", "STREAMED", DEMO_CONFIG, "/streamed"),
+        Mode("direct", "Envoy alone (no ext_proc)", None, "/"),
     )
 }
 

@@ -1,6 +1,8 @@
 """A local stack for tests, benchmarks and the demo: echo upstream, ext_proc host and Envoy.
 
-    with Stack("envoy/full_duplex.yaml", host_config="config/full_duplex.toml") as stack:
+    with Stack() as stack:  # the shipped demo settings, Envoy's config generated from them
+        httpx.post(stack.url + "/full-duplex-streamed", content=b"...")
+    with Stack("envoy/full_duplex.yaml", host_config="config/full_duplex.toml") as stack:  # a checkout's files
         httpx.post(stack.url + "/full-duplex-streamed", content=b"...")
         print(stack.envoy_rss(), stack.host_rss())
 
@@ -37,8 +39,13 @@ from typing import Any
 import psutil
 import yaml
 
-#: The directory that holds host/, envoy/ and config/ in a source checkout.
+from ..data import DEMO_SETTINGS, data_path
+
+#: The directory that holds host/, envoy/ and config/ in a source checkout (a convenience for
+#: tests and benchmarks run there; nothing installed depends on it).
 PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
+#: The host settings a Stack runs by default: shipped with the package.
+DEFAULT_HOST_CONFIG = data_path(DEMO_SETTINGS)
 
 _LISTENING = re.compile(r"listening on (?:https?://)?\[?([^\s\]]+?)\]?:(\d+)\s*$", re.MULTILINE)
 _LISTENING_UNIX = re.compile(r"listening on unix:(\S+)\s*$", re.MULTILINE)
@@ -52,7 +59,8 @@ class StackError(RuntimeError):
 
 def project_path(path: str | os.PathLike[str]) -> Path:
     """``path`` as given when it exists (absolute or relative to the working directory),
-    otherwise relative to the project root (so ``envoy/full_duplex.yaml`` works anywhere)."""
+    otherwise relative to a checkout's root (so ``envoy/full_duplex.yaml`` works anywhere in
+    one)."""
     p = Path(path)
     if p.is_absolute() or p.exists():
         return p.resolve()
@@ -172,12 +180,15 @@ class Stack:
     """Echo upstream + ext_proc host + Envoy on ephemeral ports; a context manager.
 
     ``envoy_config``: an Envoy YAML template (see envoy/); paths resolve against the working
-    directory, then the project root. None: generated from ``host_config`` by
+    directory, then a checkout's root. None (the default): generated from ``host_config`` by
     ``extproc-host envoy-config`` (with ``host_env`` applied), or, with no host, Envoy alone
     (``--no-ext-proc``): what an installed package without a checkout uses.
     ``host_config``: the host's TOML settings, run as ``extproc-host --config FILE --listen
-    127.0.0.1:0 *host_args``; None (with no ``host_command``) runs no host, for Envoy configs
-    without ext_proc (envoy/direct.yaml).
+    127.0.0.1:0 *host_args``, by default the demo settings shipped with the package; None
+    (with no ``host_command``) runs no host, for Envoy configs without ext_proc (envoy/direct.yaml).
+    ``host_drain_seconds``: the host's ``[server] drain_seconds`` (set through the environment):
+    0 by default, as the stack's Envoy does not health-check the host, so a stopping host has
+    nobody to wait for; None keeps the settings' own value.
     ``host_command``: any other ext_proc server instead, run as given; it must bind an
     ephemeral port itself and print a line ending in ``listening on HOST:PORT``.
     ``host_env``: extra environment variables for the host.
@@ -191,11 +202,12 @@ class Stack:
 
     def __init__(
         self,
-        envoy_config: str | os.PathLike[str] | None = "envoy/full_duplex.yaml",
-        host_config: str | os.PathLike[str] | None = "config/full_duplex.toml",
+        envoy_config: str | os.PathLike[str] | None = None,
+        host_config: str | os.PathLike[str] | None = DEFAULT_HOST_CONFIG,
         *,
         host_args: Sequence[str] = (),
         host_env: Mapping[str, str] | None = None,
+        host_drain_seconds: float | None = 0.0,
         host_command: Sequence[str] | None = None,
         echo_command: Sequence[str] | None = None,
         concurrency: int = 1,
@@ -215,6 +227,8 @@ class Stack:
         self.host_config = project_path(host_config) if use_config and host_config is not None else None
         self.host_args = list(host_args)
         self.host_env = dict(host_env or {})
+        if host_drain_seconds is not None:
+            self.host_env.setdefault("EXTPROC_SERVER__DRAIN_SECONDS", f"{host_drain_seconds:g}")
         self.echo_command = list(echo_command) if echo_command is not None else None
         self.concurrency = concurrency
         self.envoy_log_level = envoy_log_level
@@ -280,6 +294,10 @@ class Stack:
         """Wait up to ``timeout`` seconds for process ``name`` to exit; its exit status
         (``subprocess.TimeoutExpired`` if it is still running)."""
         return self._procs[name].popen.wait(timeout=timeout)
+
+    def exit_status(self, name: str) -> int | None:
+        """Process ``name``'s exit status, or None while it runs."""
+        return self._procs[name].popen.poll()
 
     def log_tails(self, lines: int = 40) -> str:
         return "\n".join(proc.tails(lines) for proc in self._procs.values())

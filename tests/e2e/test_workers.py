@@ -97,7 +97,7 @@ def test_two_workers_share_the_streams_and_stop_cleanly(tmp_path: Path, payload)
 
 def _start_supervisor(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], int]:
     config = tmp_path / "host.toml"
-    config.write_text('[server]\nlog_level = "warning"\n')
+    config.write_text('[server]\nlog_level = "warning"\ndrain_seconds = 0\n')  # nothing health-checks these
     proc = subprocess.Popen(
         [*extproc_host_command(), "--config", str(config), *args],
         stdout=subprocess.PIPE,
@@ -180,7 +180,7 @@ def test_workers_need_a_tcp_address(tmp_path: Path) -> None:
 
 def test_each_worker_serves_its_own_metrics(tmp_path: Path) -> None:
     config = tmp_path / "host.toml"
-    config.write_text('[server]\nlog_level = "warning"\nmetrics_listen = "127.0.0.1:0"\n')
+    config.write_text('[server]\nlog_level = "warning"\nmetrics_listen = "127.0.0.1:0"\ndrain_seconds = 0\n')
     proc = subprocess.Popen(
         [*extproc_host_command(), "--config", str(config), "--listen", "127.0.0.1:0", "--workers", "2"],
         stdout=subprocess.PIPE,

