@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: constraints venv demo test lint test-unit test-e2e bench bench-plugins bench-workers bench-metrics bench-modes bench-storm envoy-configs clean
+.PHONY: constraints venv demo test lint test-unit test-e2e bench bench-plugins bench-workers bench-metrics bench-modes bench-storm bench-observe envoy-configs clean
 
 venv: $(STAMP)
 
@@ -68,6 +68,10 @@ bench-modes: venv
 ## make bench-storm: 300 streams whose answers are never read, then cancelled: host RSS idle, peak, after; limits hit.
 bench-storm: venv
 	$(VENV)/bin/python benchmarks/storm.py $(ARGS)
+
+## make bench-observe: observe-only routes (observability mode) vs full duplex, with and without a slow observer.
+bench-observe: venv
+	$(VENV)/bin/python benchmarks/observe.py $(ARGS)
 
 ## make envoy-configs: regenerate envoy/*.yaml from config/*.toml (tests fail when they are stale).
 # EXTPROC_* environment overrides are left out: the files must depend on config/ alone.

@@ -54,6 +54,7 @@ class Limits:
     max_message_bytes: int = 0  # for the error message when a message is too large
     max_held_bytes: int = 0  # body bytes held by the answers of every open stream
     idle_timeout: float = 0.0  # idle_timeout_seconds: longest wait for Envoy's next message
+    observe_buffer_bytes: int = 16 * 1024 * 1024  # how far an observe-only chain may fall behind
 
     @classmethod
     def from_settings(cls, server: ServerSettings) -> Limits:
@@ -63,6 +64,7 @@ class Limits:
             max_message_bytes=server.max_message_bytes,
             max_held_bytes=server.max_held_bytes,
             idle_timeout=server.idle_timeout_seconds,
+            observe_buffer_bytes=server.observe_buffer_bytes,
         )
 
 

@@ -62,6 +62,12 @@ class OverBudget(LimitExceeded):
     """Sending this answer would take the bytes the host holds past ``[server] max_held_bytes``."""
 
 
+class ObserverBehind(LimitExceeded):
+    """An observe-only chain fell further behind Envoy than ``[server] observe_buffer_bytes``
+    (or the host's ``max_held_bytes``): the host stopped observing the exchange, which went on
+    for the client untouched."""
+
+
 class IdleTimeout(LimitExceeded):
     """No message came from Envoy for ``[server] idle_timeout_seconds``."""
 

@@ -21,6 +21,7 @@ from .health import Health
 from .listeners import ListenAddress, Listener, parse_address
 from .logs import current_stream
 from .metrics import Metrics
+from .observe import observe
 from .processor import Router, StreamProcessor
 from .routes import Route
 from .settings import Settings, parse_listen
@@ -69,17 +70,21 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         completed = False  # the stream ran to its end (else: failed, cancelled, or closed mid-send)
         try:
             async for request in request_iterator:
+                if request.observability_mode:  # off the data path: no answers, no waiting
+                    await observe(stream, request, request_iterator, admission)
+                    cut = stream.incomplete()
+                    if cut:
+                        error = StreamAborted(admission.cut_short_reason(cut))
+                    break
                 responses = await stream.handle(request)
                 if stream.held:
                     admission.charge(stream)  # OverBudget past [server] max_held_bytes
                 if isinstance(responses, (tuple, list)):
-                    if not request.observability_mode:
-                        for response in responses:
-                            yield response
+                    for response in responses:
+                        yield response
                 else:  # a plugin's output streamed piece by piece
                     async for response in responses:
-                        if not request.observability_mode:
-                            yield response
+                        yield response
                 if stream.charged:
                     admission.release(stream)
                 if stream.finished:

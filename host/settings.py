@@ -76,6 +76,11 @@ class ServerSettings(BaseModel):
     # Longest wait for Envoy's next message on a stream (or for Envoy to take an answer); past
     # it the stream fails with DEADLINE_EXCEEDED (0: no limit).
     idle_timeout_seconds: float = Field(default=300.0, ge=0)
+    # Observe-only routes (Envoy's observability mode): how far a stream's chain may fall behind
+    # what Envoy sends before the host stops observing that exchange (its plugins are closed
+    # with ObserverBehind), so that neither Envoy nor the client ever waits for an observer.
+    # These bytes count against max_held_bytes too.
+    observe_buffer_bytes: int = Field(default=16 * 1024 * 1024, ge=1024 * 1024)
     # Prometheus exporter "HOST:PORT" (port 0: any free port); None: no metrics.
     metrics_listen: str | None = None
     # uvloop takes 15-30% less host CPU per small request than asyncio's default loop.

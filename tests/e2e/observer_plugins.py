@@ -49,6 +49,10 @@ class GatedObserver(Plugin[GateSettings]):
         Path(self.settings.report).write_text(f"{self.size} {self.digest.hexdigest()}")
         return b""
 
+    def close(self, error: BaseException | None) -> None:
+        if error is not None:
+            Path(self.settings.report).write_text(f"closed with {type(error).__name__}: {error}")
+
 
 @hookimpl
 def register_plugins(register: Callable[[type[Plugin[Any]]], None]) -> None:

@@ -22,12 +22,13 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def settings(tmp_path: Path) -> Path:
+def settings(tmp_path: Path, server: str = "") -> Path:
     config = tmp_path / "host.toml"
     config.write_text(
         f"""
 [server]
 plugin_modules = ["tests.e2e.observer_plugins"]
+{server}
 
 [plugins.gated_observer]
 gate = "{tmp_path / "gate"}"
@@ -102,3 +103,25 @@ async def test_file_tee_alone_observes_and_its_copies_are_complete(tmp_path: Pat
         wait_until(lambda: len(list(tee.glob("*.body"))) == 2, 20, "both copies to be complete")
         copies = sorted(tee.glob("*.body"))
         assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in copies] == [body.sha256, body.sha256]
+
+
+async def test_an_observer_too_far_behind_stops_observing_and_the_client_never_waits(tmp_path: Path, payload) -> None:
+    """Past [server] observe_buffer_bytes of backlog the host stops observing the exchange (the
+    plugins are closed with ObserverBehind); the client's exchange goes on untouched."""
+    body = payload(6 * MiB + 5)
+    env = {"PYTHONPATH": str(ROOT)}
+    with Stack(None, settings(tmp_path, "observe_buffer_bytes = 1048576"), host_env=env) as stack:
+        answered = await h1_request(stack.url + "/observed/upload", body=body)
+        assert (answered.status, answered.size, answered.sha256) == (200, body.size, body.sha256)
+        report = tmp_path / "report"
+        wait_until(report.exists, 20, "the observer to be closed")
+        assert report.read_text().startswith("closed with ObserverBehind: ")
+        assert "[server] observe_buffer_bytes" in report.read_text()
+        # The host serves on: the next exchange on the route is observed again.
+        (tmp_path / "gate").touch()
+        report.unlink()
+        small = payload(1000)
+        again = await h1_request(stack.url + "/observed/again", body=small)
+        assert (again.status, again.sha256) == (200, small.sha256)
+        wait_until(report.exists, 20, "the second observation")
+        assert report.read_text() == f"{small.size} {small.sha256}"

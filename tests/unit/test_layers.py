@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("chain", "protocol", "metrics", "modes", "logs", "health", "reclaim"),
     ("processor", "registry"),
     ("admission",),
-    ("upkeep",),
+    ("upkeep", "observe"),
     ("server", "workers", "starter"),
     ("cli",),
     ("__main__",),

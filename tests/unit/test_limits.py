@@ -199,6 +199,23 @@ async def _wait_for(condition, what: str, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
+async def _wait_for_steady(condition, what: str, steady: float = 0.5, timeout: float = 20.0) -> None:
+    """Wait until ``condition`` has held for ``steady`` seconds in a row."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    since = None
+    while True:
+        now = loop.time()
+        if condition():
+            since = now if since is None else since
+            if now - since >= steady:
+                return
+        else:
+            since = None
+        assert now < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
 async def _stalled(first: list[pb.ProcessingRequest], release: asyncio.Event) -> AsyncIterator[pb.ProcessingRequest]:
     """Envoy's side of a stream that sends ``first`` and then nothing until ``release``."""
     for message in first:
@@ -216,7 +233,9 @@ async def test_streams_are_refused_while_unread_answers_hold_the_budget(make_env
         chunks = [request_body(b"s" * MiB) for _ in range(64)]
         stalled = fake.stub.Process(_stalled([request_headers(route="default"), *chunks], release))
         # Nobody reads `stalled`: once the transport's windows are full, the host waits to send.
-        await _wait_for(lambda: admission.held == 2 * MiB, "a stalled answer holding the budget")
+        # Until then each answer is charged and released as gRPC takes it, so wait for the
+        # budget to stay full, not for one moment when it is.
+        await _wait_for_steady(lambda: admission.held == 2 * MiB, "a stalled answer holding the budget")
         refused = await fake.converse([request_headers(route="default", end_of_stream=True)], settle=False)
         assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "[server] max_held_bytes" in refused.details
