@@ -26,7 +26,7 @@ from .errors import ConfigError
 from .modes import RouteModes, route_modes
 from .plugin import Plugin, overridden_hooks
 from .routes import ChainLink, PluginInfo, Route
-from .settings import Settings, describe_validation_error, load_settings
+from .settings import Settings, describe_validation_error, environment_origin, load_settings
 
 ENTRY_POINT_GROUP = "extproc_host.plugins"
 
@@ -171,13 +171,16 @@ def discover(pm: pluggy.PluginManager, extra: Sequence[type[Plugin]] = ()) -> di
     return dict(sorted(found.items()))
 
 
-def _unknown(source: str, key: str, name: str, installed: str, broken: dict[str, BrokenPlugin]) -> str:
-    """The problem for a plugin name nobody registered: a broken entry point of that name, else unknown."""
+def _unknown(
+    source: str, key: str, name: str, installed: str, broken: dict[str, BrokenPlugin], origin: str = ""
+) -> str:
+    """The problem for a plugin name nobody registered: a broken entry point of that name, else
+    unknown. ``origin``: where the key comes from when not the file (an environment variable)."""
     if name in broken:
         b = broken[name]
-        return f"{source}: key '{key}': plugin '{name}' failed to load ({b.origin}): {b.error}"
+        return f"{source}: key '{key}'{origin}: plugin '{name}' failed to load ({b.origin}): {b.error}"
     also = "".join(f"; could not load {b.origin}: {b.error}" for b in broken.values())
-    return f"{source}: key '{key}': no plugin named '{name}' is installed; installed: {installed}{also}"
+    return f"{source}: key '{key}'{origin}: no plugin named '{name}' is installed; installed: {installed}{also}"
 
 
 def shell_names(tables: dict[str, dict[str, Any]], plugins: dict[str, PluginInfo]) -> dict[str, dict[str, Any]]:
@@ -210,7 +213,8 @@ def build_routes(
     plugin_settings = shell_names(settings.plugins, plugins)
     for name in plugin_settings:
         if name not in plugins:
-            problems.append(_unknown(source, f"plugins.{name}", name, installed, broken))
+            origin = environment_origin(("plugins", name))
+            problems.append(_unknown(source, f"plugins.{name}", name, installed, broken, origin))
     routes: dict[str, Route] = {}
     for route_name, route in settings.routes.items():
         links: list[ChainLink] = []
