@@ -88,6 +88,18 @@ def _load_entry_points(pm: HostPluginManager) -> None:
         pm.origins[id(module)] = (dist_name, dist_version)
 
 
+def _path_hint(name: str, exc: ImportError) -> str:
+    """Why a plugin module next to the settings is not found: the console script does not put
+    the working directory on ``sys.path`` (docs/hooks.md, plugin_modules)."""
+    top = name.partition(".")[0]
+    if not isinstance(exc, ModuleNotFoundError) or exc.name != top:
+        return ""
+    here = Path.cwd()
+    if (here / f"{top}.py").is_file() or (here / top).is_dir():
+        return f" ({top} is in the working directory, which is not on the host's import path: PYTHONPATH=.)"
+    return " (it is looked for in site-packages and PYTHONPATH)"
+
+
 def make_plugin_manager(
     load_entry_points: bool = True, modules: list[str] | None = None, source: str = "settings"
 ) -> HostPluginManager:
@@ -101,7 +113,7 @@ def make_plugin_manager(
             module = importlib.import_module(name)
         except ImportError as exc:
             raise ConfigError(
-                f"{source}: key 'server.plugin_modules[{index}]': cannot import '{name}': {exc}"
+                f"{source}: key 'server.plugin_modules[{index}]': cannot import '{name}': {exc}{_path_hint(name, exc)}"
             ) from None
         if pm.is_registered(module):
             continue

@@ -200,3 +200,21 @@ def test_a_bad_plugin_setting_from_the_environment_names_its_variable(
         build_routes(load_settings(path), discover(pm, [CardMask]), str(path))
     assert f"key '{key}' (set by environment variable {variable}): " in str(refused.value)
     assert problem in str(refused.value)
+
+
+def test_a_plugin_module_in_the_working_directory_but_not_on_the_path_says_so(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    # The console script's sys.path has no working directory: the module beside the settings
+    # is not found, and the error says what to do about it.
+    (tmp_path / "beside_plugins.py").write_text("")
+    path = write(tmp_path, '[server]\nplugin_modules = ["beside_plugins"]\n[routes.default]\nchain = ["passthrough"]\n')
+    monkeypatch.chdir(tmp_path)
+    assert main(["check", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "key 'server.plugin_modules[0]': cannot import 'beside_plugins'" in err
+    assert "beside_plugins is in the working directory, which is not on the host's import path: PYTHONPATH=." in err
+    # Elsewhere, it only says where modules are looked for.
+    monkeypatch.chdir(tmp_path.parent)
+    assert main(["check", "--config", str(path)]) == 2
+    assert "looked for in site-packages and PYTHONPATH" in capsys.readouterr().err
