@@ -8,6 +8,7 @@ raised: it only stops the routes that use it. Each module registers its plugin c
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata
 import logging
@@ -184,15 +185,20 @@ def discover(pm: pluggy.PluginManager, extra: Sequence[type[Plugin]] = ()) -> di
 
 
 def _unknown(
-    source: str, key: str, name: str, installed: str, broken: dict[str, BrokenPlugin], origin: str = ""
+    source: str, key: str, name: str, installed: Sequence[str], broken: dict[str, BrokenPlugin], origin: str = ""
 ) -> str:
     """The problem for a plugin name nobody registered: a broken entry point of that name, else
-    unknown. ``origin``: where the key comes from when not the file (an environment variable)."""
+    unknown, with the installed name it is a typo of. ``origin``: where the key comes from when
+    not the file (an environment variable)."""
     if name in broken:
         b = broken[name]
         return f"{source}: key '{key}'{origin}: plugin '{name}' failed to load ({b.origin}): {b.error}"
+    spelt = {n.replace("_", "-"): n for n in installed}  # file_tee and file-tee are one typo apart
+    close = difflib.get_close_matches(name.replace("_", "-"), spelt, n=1)
+    hint = f" (did you mean '{spelt[close[0]]}'?)" if close else ""
     also = "".join(f"; could not load {b.origin}: {b.error}" for b in broken.values())
-    return f"{source}: key '{key}'{origin}: no plugin named '{name}' is installed; installed: {installed}{also}"
+    listed = ", ".join(installed) or "(none)"
+    return f"{source}: key '{key}'{origin}: no plugin named '{name}' is installed{hint}; installed: {listed}{also}"
 
 
 def shell_names(tables: dict[str, dict[str, Any]], plugins: dict[str, PluginInfo]) -> dict[str, dict[str, Any]]:
@@ -218,7 +224,7 @@ def build_routes(
     ``broken``: entry points that failed to load; only a route (or ``[plugins.X]``) naming one fails.
     """
     broken = broken or {}
-    installed = ", ".join(plugins) or "(none)"
+    installed = list(plugins)
     problems: list[str] = []
     if "default" not in settings.routes:
         problems.append(f"{source}: key 'routes.default': required: the route for traffic no other route matches")

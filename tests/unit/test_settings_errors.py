@@ -32,7 +32,14 @@ def run_check(
         ("[server]\nlisen = '1'\n[routes.default]\nchain=['passthrough']\n", ["key 'server.lisen': unknown key"]),
         (
             "[routes.default]\nchain = ['nope']\n",
-            ["key 'routes.default.chain[0]'", "no plugin named 'nope'", "installed: ", "passthrough"],
+            ["key 'routes.default.chain[0]'", "no plugin named 'nope' is installed; installed: ", "passthrough"],
+        ),
+        (
+            "[routes.default]\nchain = ['pasthrough', 'file-tee']\n",
+            [
+                "key 'routes.default.chain[0]': no plugin named 'pasthrough' is installed (did you mean 'passthrough'?)",
+                "key 'routes.default.chain[1]': no plugin named 'file-tee' is installed (did you mean 'file_tee'?)",
+            ],
         ),
         ("[routes.default]\nchain = []\n", ["key 'routes.default.chain'"]),
         ("[routes.api]\nchain = ['passthrough']\n", ["key 'routes.default': required"]),
