@@ -8,6 +8,7 @@ raised: it only stops the routes that use it. Each module registers its plugin c
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata
 import logging
@@ -26,7 +27,7 @@ from .errors import ConfigError
 from .modes import RouteModes, route_modes
 from .plugin import Plugin, overridden_hooks
 from .routes import ChainLink, PluginInfo, Route
-from .settings import Settings, describe_validation_error, load_settings
+from .settings import Settings, describe_validation_error, environment_origin, load_settings
 
 ENTRY_POINT_GROUP = "extproc_host.plugins"
 
@@ -88,6 +89,18 @@ def _load_entry_points(pm: HostPluginManager) -> None:
         pm.origins[id(module)] = (dist_name, dist_version)
 
 
+def _path_hint(name: str, exc: ImportError) -> str:
+    """Why a plugin module next to the settings is not found: the console script does not put
+    the working directory on ``sys.path`` (docs/hooks.md, plugin_modules)."""
+    top = name.partition(".")[0]
+    if not isinstance(exc, ModuleNotFoundError) or exc.name != top:
+        return ""
+    here = Path.cwd()
+    if (here / f"{top}.py").is_file() or (here / top).is_dir():
+        return f" ({top} is in the working directory, which is not on the host's import path: PYTHONPATH=.)"
+    return " (it is looked for in site-packages and PYTHONPATH)"
+
+
 def make_plugin_manager(
     load_entry_points: bool = True, modules: list[str] | None = None, source: str = "settings"
 ) -> HostPluginManager:
@@ -101,7 +114,7 @@ def make_plugin_manager(
             module = importlib.import_module(name)
         except ImportError as exc:
             raise ConfigError(
-                f"{source}: key 'server.plugin_modules[{index}]': cannot import '{name}': {exc}"
+                f"{source}: key 'server.plugin_modules[{index}]': cannot import '{name}': {exc}{_path_hint(name, exc)}"
             ) from None
         if pm.is_registered(module):
             continue
@@ -171,13 +184,21 @@ def discover(pm: pluggy.PluginManager, extra: Sequence[type[Plugin]] = ()) -> di
     return dict(sorted(found.items()))
 
 
-def _unknown(source: str, key: str, name: str, installed: str, broken: dict[str, BrokenPlugin]) -> str:
-    """The problem for a plugin name nobody registered: a broken entry point of that name, else unknown."""
+def _unknown(
+    source: str, key: str, name: str, installed: Sequence[str], broken: dict[str, BrokenPlugin], origin: str = ""
+) -> str:
+    """The problem for a plugin name nobody registered: a broken entry point of that name, else
+    unknown, with the installed name it is a typo of. ``origin``: where the key comes from when
+    not the file (an environment variable)."""
     if name in broken:
         b = broken[name]
-        return f"{source}: key '{key}': plugin '{name}' failed to load ({b.origin}): {b.error}"
+        return f"{source}: key '{key}'{origin}: plugin '{name}' failed to load ({b.origin}): {b.error}"
+    spelt = {n.replace("_", "-"): n for n in installed}  # file_tee and file-tee are one typo apart
+    close = difflib.get_close_matches(name.replace("_", "-"), spelt, n=1)
+    hint = f" (did you mean '{spelt[close[0]]}'?)" if close else ""
     also = "".join(f"; could not load {b.origin}: {b.error}" for b in broken.values())
-    return f"{source}: key '{key}': no plugin named '{name}' is installed; installed: {installed}{also}"
+    listed = ", ".join(installed) or "(none)"
+    return f"{source}: key '{key}'{origin}: no plugin named '{name}' is installed{hint}; installed: {listed}{also}"
 
 
 def shell_names(tables: dict[str, dict[str, Any]], plugins: dict[str, PluginInfo]) -> dict[str, dict[str, Any]]:
@@ -203,14 +224,15 @@ def build_routes(
     ``broken``: entry points that failed to load; only a route (or ``[plugins.X]``) naming one fails.
     """
     broken = broken or {}
-    installed = ", ".join(plugins) or "(none)"
+    installed = list(plugins)
     problems: list[str] = []
     if "default" not in settings.routes:
         problems.append(f"{source}: key 'routes.default': required: the route for traffic no other route matches")
     plugin_settings = shell_names(settings.plugins, plugins)
     for name in plugin_settings:
         if name not in plugins:
-            problems.append(_unknown(source, f"plugins.{name}", name, installed, broken))
+            origin = environment_origin(("plugins", name))
+            problems.append(_unknown(source, f"plugins.{name}", name, installed, broken, origin))
     routes: dict[str, Route] = {}
     for route_name, route in settings.routes.items():
         links: list[ChainLink] = []

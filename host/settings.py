@@ -209,10 +209,17 @@ def describe_validation_error(source: str, error: ValidationError, prefix: tuple
             message = "required key is missing"
         elif item["type"] == "value_error":
             message = message.removeprefix("Value error, ")
-        env_name = "EXTPROC_" + "__".join(str(p) for p in prefix + tuple(item["loc"]) if not isinstance(p, int)).upper()
-        origin = f" (set by environment variable {env_name})" if env_name in os.environ else ""
-        lines.append(f"{source}: key '{key}'{origin}: {message}")
+        lines.append(f"{source}: key '{key}'{environment_origin(prefix + tuple(item['loc']))}: {message}")
     return "\n".join(lines)
+
+
+def environment_origin(loc: tuple[Any, ...]) -> str:
+    """`` (set by environment variable NAME)`` when the environment sets the key at ``loc`` or
+    a key under it, else ``""``: the file is not where to look for it. A ``-`` in a plugin name
+    is ``_`` in the variable's name (``EXTPROC_PLUGINS__ADD_HEADER__NAME``), as a shell writes it."""
+    name = "EXTPROC_" + "__".join(str(p) for p in loc if not isinstance(p, int)).upper().replace("-", "_")
+    found = sorted(var for var in os.environ if var.upper() == name or var.upper().startswith(name + "__"))
+    return f" (set by environment variable {', '.join(found)})" if found else ""
 
 
 def load_settings(path: str | Path | None) -> Settings:

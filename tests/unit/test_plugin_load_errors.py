@@ -11,6 +11,7 @@ import types
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel, ConfigDict
 
 from extproc_host import Headers, Plugin, hookimpl
 from extproc_host.cli import main
@@ -168,3 +169,52 @@ def test_a_cut_short_body_is_not_blamed_on_max_message_bytes_alone() -> None:
     assert "Envoy cancelled the stream" in admission.cancelled_reason("cut")
     admission.accepting = False  # shutting down: the host cancelled it, not Envoy
     assert "shutdown grace period" in admission.cancelled_reason("cut")
+
+
+class CardMaskSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    width: int = 19
+
+
+class CardMask(Plugin):
+    name = "card-mask"
+    Settings = CardMaskSettings
+
+
+@pytest.mark.parametrize(
+    ("variable", "key", "problem"),
+    [
+        ("EXTPROC_PLUGINS__CARD_MASK__WIDTH", "plugins.card-mask.width", "valid integer"),
+        ("EXTPROC_PLUGINS__CARD_MASK__WIDHT", "plugins.card-mask.widht", "unknown key"),
+    ],
+)
+def test_a_bad_plugin_setting_from_the_environment_names_its_variable(
+    tmp_path: Path, monkeypatch, no_extproc_env, variable: str, key: str, problem: str
+) -> None:
+    # The file has no such key: the error must send the reader to the environment, under the
+    # '_' spelling a shell needs for the '-' of the plugin's name.
+    path = write(tmp_path, '[routes.default]\nchain = ["card-mask"]\n[plugins.card-mask]\nwidth = 4\n')
+    monkeypatch.setenv(variable, "wide")
+    pm = make_plugin_manager(load_entry_points=False)
+    with pytest.raises(ConfigError) as refused:
+        build_routes(load_settings(path), discover(pm, [CardMask]), str(path))
+    assert f"key '{key}' (set by environment variable {variable}): " in str(refused.value)
+    assert problem in str(refused.value)
+
+
+def test_a_plugin_module_in_the_working_directory_but_not_on_the_path_says_so(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    # The console script's sys.path has no working directory: the module beside the settings
+    # is not found, and the error says what to do about it.
+    (tmp_path / "beside_plugins.py").write_text("")
+    path = write(tmp_path, '[server]\nplugin_modules = ["beside_plugins"]\n[routes.default]\nchain = ["passthrough"]\n')
+    monkeypatch.chdir(tmp_path)
+    assert main(["check", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "key 'server.plugin_modules[0]': cannot import 'beside_plugins'" in err
+    assert "beside_plugins is in the working directory, which is not on the host's import path: PYTHONPATH=." in err
+    # Elsewhere, it only says where modules are looked for.
+    monkeypatch.chdir(tmp_path.parent)
+    assert main(["check", "--config", str(path)]) == 2
+    assert "looked for in site-packages and PYTHONPATH" in capsys.readouterr().err

@@ -32,7 +32,14 @@ def run_check(
         ("[server]\nlisen = '1'\n[routes.default]\nchain=['passthrough']\n", ["key 'server.lisen': unknown key"]),
         (
             "[routes.default]\nchain = ['nope']\n",
-            ["key 'routes.default.chain[0]'", "no plugin named 'nope'", "installed: ", "passthrough"],
+            ["key 'routes.default.chain[0]'", "no plugin named 'nope' is installed; installed: ", "passthrough"],
+        ),
+        (
+            "[routes.default]\nchain = ['pasthrough', 'file-tee']\n",
+            [
+                "key 'routes.default.chain[0]': no plugin named 'pasthrough' is installed (did you mean 'passthrough'?)",
+                "key 'routes.default.chain[1]': no plugin named 'file-tee' is installed (did you mean 'file_tee'?)",
+            ],
         ),
         ("[routes.default]\nchain = []\n", ["key 'routes.default.chain'"]),
         ("[routes.api]\nchain = ['passthrough']\n", ["key 'routes.default': required"]),
@@ -108,3 +115,16 @@ def test_plugins_command_lists_passthrough(capsys):
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
     assert "passthrough" in out and "extproc-host" in out
+
+
+def test_a_plugin_key_of_the_file_names_no_variable(tmp_path, capsys, monkeypatch):
+    # A variable under a longer plugin name (passthroughx) is not one under this key.
+    text = "[routes.default]\nchain=['passthrough']\n[plugins.passthrough]\nspeed = 3\n"
+    code, err = run_check(tmp_path, text, capsys, {"EXTPROC_PLUGINS__PASSTHROUGHX__Y": "1"}, monkeypatch)
+    assert code == 2
+    lines = err.splitlines()
+    assert any(line.endswith("key 'plugins.passthrough.speed': unknown key") for line in lines), err
+    assert any(
+        "key 'plugins.passthroughx' (set by environment variable EXTPROC_PLUGINS__PASSTHROUGHX__Y)" in line
+        for line in lines
+    ), err
