@@ -5,6 +5,7 @@ health check the shipped Envoy configs use."""
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,15 @@ def test_starter_settings_pass_the_hosts_checks(no_extproc_env: None) -> None:
     host = load_host(str(data_path(STARTER_SETTINGS)))
     assert set(host.routes) == {"default", "upload"}
     assert host.settings.server.drain_seconds == DEFAULT_DRAIN_SECONDS
+
+
+def test_starter_server_keys_are_the_shipped_defaults() -> None:
+    # The starter shows the defaults it documents: a value that differs (no stream limit where
+    # the host defaults to 128) would quietly turn off the memory budget of every new install.
+    written = tomllib.loads(data_path(STARTER_SETTINGS).read_text())["server"]
+    defaults = Settings().server
+    assert {"max_concurrent_streams", "max_held_bytes", "idle_timeout_seconds"} <= set(written)
+    assert {key: getattr(defaults, key) for key in written} == written
 
 
 def test_init_writes_refuses_and_forces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
