@@ -239,7 +239,9 @@ def _check(args: argparse.Namespace) -> int:
     for name, route in routes.items():
         chain = " -> ".join(link.info.name for link in route.chain)
         where = f" (path prefix {route.path_prefix})" if route.path_prefix else ""
-        print(f"route {name}{where}: {chain} [{route.failure_policy}]")
+        # An observe-only route is off the data path: Envoy fails open whatever the policy says.
+        policy = "observe only: failures never reach the client" if host.modes[name].observe else route.failure_policy
+        print(f"route {name}{where}: {chain} [{policy}]")
         print(f"  Envoy sends: {describe_modes(host.modes[name])}")
     print(f"{args.config}: OK, listen {settings.server.listen}")
     return 0
@@ -259,6 +261,8 @@ def describe_modes(modes: RouteModes) -> str:
     ]
     if modes.buffer_limit_bytes is not None:
         parts.append(f"buffer limit {modes.buffer_limit_bytes} bytes")
+    if modes.observe:
+        return "a copy, in observability mode (Envoy awaits no answer): " + ", ".join(parts)
     return ", ".join(parts)
 
 
