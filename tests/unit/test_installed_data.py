@@ -9,6 +9,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 
 from extproc_host.cli import main
 from extproc_host.data import DEMO_SETTINGS, STARTER_SETTINGS, data_path
@@ -52,6 +53,9 @@ def test_init_writes_refuses_and_forces(tmp_path: Path, monkeypatch: pytest.Monk
     assert (tmp_path / "extproc-host.toml").read_text() == written
     envoy = (tmp_path / "envoy.yaml").read_text()
     assert "--health-check 2" in envoy.splitlines()[1] and "drain_seconds must be at least 5 " in envoy
+    # Loopback only: the starter's /upload route copies every body it gets to disk.
+    listener = yaml.safe_load(envoy)["static_resources"]["listeners"][0]["address"]["socket_address"]
+    assert listener == {"address": "127.0.0.1", "port_value": 18080}
 
 
 def test_default_drain_covers_the_shipped_health_check() -> None:
