@@ -35,7 +35,8 @@ class _Stream(Protocol):
 #: The stream the current task serves (a StreamProcessor), or None outside any stream.
 current_stream: ContextVar[_Stream | None] = ContextVar("extproc_current_stream", default=None)
 
-JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s %(stream_id)s %(route)s"
+#: ``process``: stream ids count per process, so with ``--workers`` two workers both have a stream 17.
+JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s %(stream_id)s %(route)s %(process)d"
 
 
 class StreamFilter(logging.Filter):
