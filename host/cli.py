@@ -212,7 +212,7 @@ def _init(args: argparse.Namespace) -> int:
     """Write extproc-host.toml (and with --envoy, envoy.yaml generated from it)."""
     from pathlib import Path
 
-    from .starter import ENVOY_NAME, SETTINGS_NAME, WouldOverwrite, check_free, write_starter
+    from .starter import ENVOY_NAME, LOOPBACK_ENVOY, SETTINGS_NAME, WouldOverwrite, check_free, write_starter
 
     settings, envoy = Path(SETTINGS_NAME), Path(ENVOY_NAME)
     try:
@@ -223,13 +223,18 @@ def _init(args: argparse.Namespace) -> int:
     write_starter(settings)
     print(f"wrote {settings}: edit it, then: extproc-host check --config {settings}")
     if args.envoy:
-        # The Envoy health check that the starter's drain_seconds (5 s) is sized for.
-        command = ["envoy-config", "--config", str(settings), "--health-check", "2", "-o", str(envoy)]
+        # The Envoy health check that the starter's drain_seconds (5 s) is sized for; Envoy on
+        # loopback, as the starter's /upload route copies every body it gets to disk.
+        command = ["envoy-config", "--config", str(settings), "--health-check", "2", "--listen", LOOPBACK_ENVOY]
+        command += ["-o", str(envoy)]
         envoy_args = _parser().parse_args(command)
         status: int = envoy_args.handler(envoy_args)
         if status != 0:
             return status
-        print(f"wrote {envoy}: envoy -c {envoy} (Envoy on :18080, the host on 127.0.0.1:9001, upstream 127.0.0.1:8080)")
+        print(
+            f"wrote {envoy}: envoy -c {envoy} (Envoy on {LOOPBACK_ENVOY}, the host on 127.0.0.1:9001, "
+            "upstream 127.0.0.1:8080; envoy-config --listen 0.0.0.0:18080 to take other machines' requests)"
+        )
     return 0
 
 
@@ -239,7 +244,9 @@ def _check(args: argparse.Namespace) -> int:
     for name, route in routes.items():
         chain = " -> ".join(link.info.name for link in route.chain)
         where = f" (path prefix {route.path_prefix})" if route.path_prefix else ""
-        print(f"route {name}{where}: {chain} [{route.failure_policy}]")
+        # An observe-only route is off the data path: Envoy fails open whatever the policy says.
+        policy = "observe only: failures never reach the client" if host.modes[name].observe else route.failure_policy
+        print(f"route {name}{where}: {chain} [{policy}]")
         print(f"  Envoy sends: {describe_modes(host.modes[name])}")
     print(f"{args.config}: OK, listen {settings.server.listen}")
     return 0
@@ -259,6 +266,8 @@ def describe_modes(modes: RouteModes) -> str:
     ]
     if modes.buffer_limit_bytes is not None:
         parts.append(f"buffer limit {modes.buffer_limit_bytes} bytes")
+    if modes.observe:
+        return "a copy, in observability mode (Envoy awaits no answer): " + ", ".join(parts)
     return ", ".join(parts)
 
 

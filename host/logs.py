@@ -10,7 +10,19 @@ from __future__ import annotations
 import logging
 import sys
 from contextvars import ContextVar
-from typing import Any, Protocol
+from typing import Any, Protocol, TextIO
+
+
+def announce(line: str, stream: TextIO | None = None) -> None:
+    """Write ``line`` and its newline to ``stream`` (standard output) in one write, flushed.
+
+    Workers share their supervisor's output: ``print`` writes the text and the newline
+    separately, which, unbuffered (PYTHONUNBUFFERED, as containers often run), let two
+    workers' ``metrics on`` lines run together. One write under the pipe's atomic size
+    lands whole."""
+    out = sys.stdout if stream is None else stream
+    out.write(line + "\n")
+    out.flush()
 
 
 class _Stream(Protocol):
@@ -23,7 +35,8 @@ class _Stream(Protocol):
 #: The stream the current task serves (a StreamProcessor), or None outside any stream.
 current_stream: ContextVar[_Stream | None] = ContextVar("extproc_current_stream", default=None)
 
-JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s %(stream_id)s %(route)s"
+#: ``process``: stream ids count per process, so with ``--workers`` two workers both have a stream 17.
+JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s %(stream_id)s %(route)s %(process)d"
 
 
 class StreamFilter(logging.Filter):

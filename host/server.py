@@ -19,7 +19,7 @@ from .admission import Admission, Limits
 from .errors import IdleTimeout, LimitExceeded, ProtocolError, StreamAborted, StreamFailed
 from .health import Health
 from .listeners import ListenAddress, Listener, parse_address
-from .logs import current_stream
+from .logs import announce, current_stream
 from .metrics import Metrics
 from .observe import observe
 from .processor import Router, StreamProcessor
@@ -202,7 +202,7 @@ async def serve(
     gc.collect()
     gc.freeze()
     if on_ready is None:
-        print(f"extproc-host listening on {shown}", flush=True)
+        announce(f"extproc-host listening on {shown}")
     else:
         on_ready(shown)
     log.info("serving routes %s on %s%s", ", ".join(router.plans), shown, " (TLS)" if listener.tls else "")
@@ -241,7 +241,7 @@ def start_metrics(settings: Settings) -> Metrics | None:
         bound = metrics.serve(host, port)
     except OSError as exc:
         raise OSError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
-    print(f"extproc-host metrics on http://{ListenAddress(host, bound).target()}/metrics", flush=True)
+    announce(f"extproc-host metrics on http://{ListenAddress(host, bound).target()}/metrics")
     return metrics
 
 

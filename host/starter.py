@@ -9,6 +9,8 @@ from .data import STARTER_SETTINGS, data_text
 #: The file ``init`` writes, and the one ``--envoy`` writes next to it.
 SETTINGS_NAME = "extproc-host.toml"
 ENVOY_NAME = "envoy.yaml"
+#: Envoy's listener in the ``envoy.yaml`` that ``init --envoy`` writes.
+LOOPBACK_ENVOY = "127.0.0.1:18080"
 
 
 class WouldOverwrite(Exception):

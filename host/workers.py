@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 
 from .listeners import ListenAddress, parse_address
+from .logs import announce
 
 log = logging.getLogger("extproc_host.workers")
 
@@ -112,14 +113,14 @@ class Supervisor:
         try:
             self._start_all()
         except WorkerError as exc:
-            print(f"extproc-host: {exc}", file=sys.stderr, flush=True)
+            announce(f"extproc-host: {exc}", sys.stderr)
             self._stop_all(signal.SIGTERM)
             self._reap_all()
             return 1
         if not self.stopping:
             pids = ", ".join(str(pid) for pid in self.children)
             log.info("%d workers serving on %s (pids %s)", self.count, self.address.target(), pids)
-            print(f"extproc-host listening on {self.address.target()}", flush=True)
+            announce(f"extproc-host listening on {self.address.target()}")
         return self._reap_all()
 
     def _start_all(self) -> None:
@@ -193,7 +194,7 @@ class Supervisor:
             child.returncode = code = os.waitstatus_to_exitcode(raw)
             if not self.stopping:
                 log.error("worker %d exited unexpectedly (code %d): stopping the others", pid, code)
-                print(f"extproc-host: worker {pid} exited unexpectedly with code {code}", file=sys.stderr, flush=True)
+                announce(f"extproc-host: worker {pid} exited unexpectedly with code {code}", sys.stderr)
                 status = 1
                 self._stop_all(signal.SIGTERM)
             elif code != 0:

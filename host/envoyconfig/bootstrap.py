@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,8 +96,9 @@ class EnvoyOptions:
     listen: str = "0.0.0.0:18080"
     admin_port: int = 9901
     admin_address: str = "127.0.0.1"
-    #: Where Envoy reaches the host: HOST:PORT or unix:PATH; None: the settings' [server] listen.
-    host_address: str | None = None
+    #: Where Envoy reaches the host: HOST:PORT or unix:PATH, one per host process (all of them
+    #: endpoints of the one ``extproc`` cluster); empty: the settings' [server] listen.
+    host_addresses: tuple[str, ...] = ()
     upstream: str = "127.0.0.1:8080"
     message_timeout: float = 5.0
     ext_proc: bool = True
@@ -127,13 +129,14 @@ def _socket(address: str, connect: bool = True) -> tuple[Address, bool]:
     return Address(socket_address=SocketAddress(address=parsed.host, port_value=parsed.port)), dns
 
 
-def _cluster(name: str, address: str, http2: bool) -> Cluster:
-    """A cluster of one endpoint; STRICT_DNS for a hostname, STATIC otherwise.
+def _cluster(name: str, addresses: Sequence[str], http2: bool) -> Cluster:
+    """A cluster with one endpoint per address; STRICT_DNS when one is a hostname, else STATIC.
 
     A hostname's every address is an endpoint, re-resolved every 5 s, so replicas behind one
     name (compose ``--scale host=3``, a headless Kubernetes Service) join and leave the round
     robin; IPv4 only, as container networks' DNS names resolve to IPv4."""
-    endpoint, dns = _socket(address)
+    sockets = [_socket(address) for address in addresses]
+    dns = any(needs_dns for _, needs_dns in sockets)
     dns_options: dict[str, Any] = {}
     if dns:
         dns_options = {"dns_lookup_family": ClusterDnsLookupFamily.V4_ONLY}  # re-resolved every 5 s (the default)
@@ -154,7 +157,9 @@ def _cluster(name: str, address: str, http2: bool) -> Cluster:
         ),
         load_assignment=ClusterLoadAssignment(
             cluster_name=name,
-            endpoints=[LocalityLbEndpoints(lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=endpoint))])],
+            endpoints=[
+                LocalityLbEndpoints(lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=a)) for a, _ in sockets])
+            ],
         ),
     )
 
@@ -294,14 +299,14 @@ def build_bootstrap(
     )
     clusters = []
     if options.ext_proc:
-        extproc = _cluster("extproc", options.host_address or settings.server.listen, http2=True)
+        extproc = _cluster("extproc", options.host_addresses or [settings.server.listen], http2=True)
         if options.health_check_interval is not None:
             extproc.health_checks = [_health_check(options.health_check_interval)]
             # No panic mode: with fewer than half the replicas healthy (scaling 3 -> 1), Envoy
             # would otherwise spread streams over the stopping ones too, which refuse them.
             extproc.common_lb_config = ClusterCommonLbConfig(healthy_panic_threshold=Percent(value=0))
         clusters.append(extproc)
-    clusters.append(_cluster("upstream", options.upstream, http2=False))
+    clusters.append(_cluster("upstream", [options.upstream], http2=False))
     admin = Admin(
         address=Address(socket_address=SocketAddress(address=options.admin_address, port_value=options.admin_port))
     )

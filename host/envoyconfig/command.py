@@ -36,7 +36,10 @@ def add_envoy_config_parser(sub: argparse._SubParsersAction[argparse.ArgumentPar
     envoy.add_argument(
         "--host-address",
         metavar="ADDRESS",
-        help="HOST:PORT or unix:PATH where Envoy reaches the host (default: [server] listen)",
+        action="append",
+        default=[],
+        help="HOST:PORT or unix:PATH where Envoy reaches the host (default: [server] listen); "
+        "repeat it for several hosts, each an endpoint of the extproc cluster",
     )
     envoy.add_argument(
         "--upstream",
@@ -78,8 +81,8 @@ def _envoy_config_command(args: argparse.Namespace) -> str:
         words += ["--admin-port", str(args.admin_port)]
     if args.admin_address != "127.0.0.1":
         words += ["--admin-address", args.admin_address]
-    if args.host_address:
-        words += ["--host-address", args.host_address]
+    for address in args.host_address:
+        words += ["--host-address", address]
     if args.upstream != "127.0.0.1:8080":
         words += ["--upstream", args.upstream]
     if args.message_timeout != 5.0:
@@ -103,15 +106,16 @@ def _envoy_options(args: argparse.Namespace) -> EnvoyOptions:
         ipaddress.ip_address(args.admin_address)
     except ValueError:
         raise ConfigError(f"--admin-address: expected an IP address, got {args.admin_address!r}") from None
-    if args.host_address and not args.host_address.startswith("unix:"):
-        checks["--host-address"] = args.host_address
-    for option, value in checks.items():
+    checked = list(checks.items())
+    checked += [("--host-address", a) for a in args.host_address if not a.startswith("unix:")]
+    for option, value in checked:
         try:
             parse_listen(value)
         except ValueError as exc:
             raise ConfigError(f"{option}: {exc}") from None
-    if args.host_address == "unix:":
+    if "unix:" in args.host_address:
         raise ConfigError("--host-address: expected unix:PATH with a path")
+    _check_host_addresses(args.host_address)
     if not 0 <= args.admin_port <= 65535:
         raise ConfigError(f"--admin-port: expected a port number, got {args.admin_port}")
     if args.health_check is not None and args.health_check <= 0:
@@ -124,13 +128,36 @@ def _envoy_options(args: argparse.Namespace) -> EnvoyOptions:
         listen=listen,
         admin_port=args.admin_port,
         admin_address=args.admin_address,
-        host_address=args.host_address,
+        host_addresses=tuple(args.host_address),
         upstream=args.upstream,
         message_timeout=args.message_timeout,
         ext_proc=not args.no_ext_proc,
         health_check_interval=args.health_check,
         observe_close_timeout=args.observe_close_timeout,
     )
+
+
+def _check_host_addresses(addresses: list[str]) -> None:
+    """ConfigError when the ``--host-address`` values cannot share one cluster: the same
+    address twice, or a Unix socket next to a hostname (a STRICT_DNS cluster has no pipes)."""
+    if len(set(addresses)) < len(addresses):
+        twice = next(a for a in addresses if addresses.count(a) > 1)
+        raise ConfigError(f"--host-address: {twice} is given twice")
+    pipes = [a for a in addresses if a.startswith("unix:")]
+    names = [a for a in addresses if not a.startswith("unix:") and not _is_ip(parse_listen(a)[0])]
+    if pipes and names:
+        raise ConfigError(
+            f"--host-address: {pipes[0]} and {names[0]} cannot be endpoints of one cluster "
+            "(a hostname makes it STRICT_DNS, which takes no Unix sockets)"
+        )
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _drain_advice(interval: float, drain_seconds: float, source: str) -> str:

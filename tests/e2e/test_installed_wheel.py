@@ -156,7 +156,9 @@ def test_init_check_plugins_envoy_config(installed: Installed) -> None:
     for name in ("passthrough", "file_tee", "zstd", "replace"):
         assert name in plugins.stdout
 
-    envoy_config = installed.run("envoy-config", "--config", "extproc-host.toml", "--health-check", "2")
+    envoy_config = installed.run(
+        "envoy-config", "--config", "extproc-host.toml", "--health-check", "2", "--listen", "127.0.0.1:18080"
+    )
     assert envoy_config.returncode == 0, envoy_config.stderr
     assert "drain_seconds must be at least 5" in envoy_config.stdout
     assert envoy_config.stdout.split("\n\n", 1)[1] == (installed.workdir / "envoy.yaml").read_text().split("\n\n", 1)[1]

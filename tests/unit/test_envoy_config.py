@@ -247,6 +247,25 @@ def test_host_cluster_defaults_to_the_settings_listen_address(tmp_path: Path) ->
     assert endpoint(unix, "extproc") == {"pipe": {"path": "/run/extproc.sock"}}
 
 
+def test_several_host_addresses_are_endpoints_of_one_cluster(tmp_path: Path) -> None:
+    # Two hosts on one machine behind one Envoy (scaling down without losing a request) need
+    # both in the extproc cluster, health-checked, without editing the generated file.
+    settings = '[routes.default]\nchain = ["response_only"]\n'
+    hosts = ("--host-address", "127.0.0.1:9001", "--host-address", "127.0.0.1:9002")
+    two = render(tmp_path, settings, *hosts, "--health-check", "2")
+    extproc = cluster(two, "extproc")
+    (locality,) = extproc["load_assignment"]["endpoints"]
+    ports = [e["endpoint"]["address"]["socket_address"]["port_value"] for e in locality["lb_endpoints"]]
+    assert (extproc["type"], ports, len(extproc["health_checks"])) == ("STATIC", [9001, 9002], 1)
+    header = (tmp_path / "envoy.yaml").read_text().splitlines()[1]
+    assert "--host-address 127.0.0.1:9001 --host-address 127.0.0.1:9002 --health-check 2" in header
+    named = cluster(
+        render(tmp_path, settings, "--host-address", "10.0.0.1:9001", "--host-address", "host:9001"), "extproc"
+    )
+    assert named["type"] == "STRICT_DNS"
+    assert len(named["load_assignment"]["endpoints"][0]["lb_endpoints"]) == 2
+
+
 def test_no_ext_proc_renders_the_direct_reference(tmp_path: Path) -> None:
     bootstrap = render(tmp_path, '[routes.default]\nchain = ["response_only"]\n', "--no-ext-proc")
     assert [f["name"] for f in manager(bootstrap)["http_filters"]] == ["envoy.filters.http.router"]
@@ -322,6 +341,9 @@ def test_bad_settings_exit_2(
         (["--admin-address", "envoy-admin"], "--admin-address"),
         (["--health-check", "0"], "--health-check"),
         (["--host-address", "unix:"], "--host-address"),
+        (["--host-address", "127.0.0.1:9001", "--host-address", "127.0.0.1:9001"], "127.0.0.1:9001 is given twice"),
+        (["--host-address", "unix:/run/h.sock", "--host-address", "host:9001"], "takes no Unix sockets"),
+        (["--host-address", "127.0.0.1:9001", "--host-address", "nowhere"], "--host-address: expected HOST:PORT"),
         (["--message-timeout", "0"], "--message-timeout"),
     ],
 )

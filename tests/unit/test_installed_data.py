@@ -5,9 +5,11 @@ health check the shipped Envoy configs use."""
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 
 from extproc_host.cli import main
 from extproc_host.data import DEMO_SETTINGS, STARTER_SETTINGS, data_path
@@ -28,6 +30,15 @@ def test_starter_settings_pass_the_hosts_checks(no_extproc_env: None) -> None:
     assert host.settings.server.drain_seconds == DEFAULT_DRAIN_SECONDS
 
 
+def test_starter_server_keys_are_the_shipped_defaults() -> None:
+    # The starter shows the defaults it documents: a value that differs (no stream limit where
+    # the host defaults to 128) would quietly turn off the memory budget of every new install.
+    written = tomllib.loads(data_path(STARTER_SETTINGS).read_text())["server"]
+    defaults = Settings().server
+    assert {"max_concurrent_streams", "max_held_bytes", "idle_timeout_seconds"} <= set(written)
+    assert {key: getattr(defaults, key) for key in written} == written
+
+
 def test_init_writes_refuses_and_forces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     assert main(["init"]) == 0
@@ -42,6 +53,9 @@ def test_init_writes_refuses_and_forces(tmp_path: Path, monkeypatch: pytest.Monk
     assert (tmp_path / "extproc-host.toml").read_text() == written
     envoy = (tmp_path / "envoy.yaml").read_text()
     assert "--health-check 2" in envoy.splitlines()[1] and "drain_seconds must be at least 5 " in envoy
+    # Loopback only: the starter's /upload route copies every body it gets to disk.
+    listener = yaml.safe_load(envoy)["static_resources"]["listeners"][0]["address"]["socket_address"]
+    assert listener == {"address": "127.0.0.1", "port_value": 18080}
 
 
 def test_default_drain_covers_the_shipped_health_check() -> None:

@@ -53,3 +53,20 @@ def test_observe_only_routes(
 ) -> None:
     modes = route_modes(route(*plugins), RouteSettings(chain=[p.name for p in plugins], **settings), "test.toml")
     assert (modes.observe, modes.request_body) == (observe, request_body)
+
+
+def test_check_says_an_observe_only_route_is_off_the_data_path(tmp_path, capsys) -> None:
+    # file_tee alone observes: Envoy sends a copy with failure_mode_allow, so the route's
+    # fail_closed policy cannot reach the client and check must not print it as if it did.
+    from extproc_host.cli import main
+
+    config = tmp_path / "host.toml"
+    config.write_text(
+        '[routes.default]\nchain = ["passthrough"]\nbody_mode = "FULL_DUPLEX_STREAMED"\n\n'
+        f'[routes.copy]\nchain = ["file_tee"]\npath_prefix = "/copy"\n\n[plugins.file_tee]\ndirectory = "{tmp_path}"\n'
+    )
+    assert main(["check", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "route copy (path prefix /copy): file_tee [observe only: failures never reach the client]" in out
+    assert "Envoy sends: a copy, in observability mode (Envoy awaits no answer): request headers" in out
+    assert "route default: passthrough [fail_closed]\n  Envoy sends: request headers, request body FULL" in out

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -81,6 +82,8 @@ def test_log_lines_about_a_stream_carry_its_id(fmt):
             "WARNING",
         )
         assert (outside["message"], outside["stream_id"]) == ("outside", None)
+        # Stream ids count per process: with --workers only the process tells two stream 17s apart.
+        assert inside["process"] == outside["process"] == os.getpid()
     else:
         assert inside.endswith("WARNING some.plugin: inside [stream=42 route=upload]")
         assert outside.endswith("INFO extproc_host.server: outside")
