@@ -1,4 +1,4 @@
-"""Observe-only routes against full-duplex routes, side by side in one run.
+"""Observe-only routes against full-duplex routes, and Envoy-side memory settings, side by side.
 
 N concurrent uploads (default 10 x 70 MiB) go through a real Envoy to the echo upstream and
 back, on fresh stacks, in these setups (alternating over ``--runs``):
@@ -7,7 +7,11 @@ back, on fresh stacks, in these setups (alternating over ``--runs``):
 - ``fd``: file_tee in the data path (body_mode FULL_DUPLEX_STREAMED);
 - ``observe``: file_tee alone, which only observes: Envoy's observability mode;
 - ``fd-slow`` / ``observe-slow``: the same with a slow observer before file_tee (a plugin
-  sleeping ``--delay-ms`` on every chunk).
+  sleeping ``--delay-ms`` on every chunk);
+- ``fd-window``, ``fd-window-listener``: ``fd`` with Envoy-side memory settings in the generated
+  config (a 64 KiB HTTP/2 stream window and buffer limit on the ext_proc cluster; and a 64 KiB
+  buffer limit on the listener too);
+- ``fd-arena2``: ``fd`` with the host's glibc limited to two malloc arenas.
 
 For each: aggregate client MiB/s, Envoy's and the host's peak RSS, and how many of file_tee's
 copies are complete (``.body``, sha256 checked) or cut short (``.partial``: the part of an
@@ -20,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +40,17 @@ from extproc_host.stack.demo_model import Body, MiB
 
 ROOT = Path(__file__).resolve().parents[1]
 SETUPS = ("direct", "fd", "observe", "fd-slow", "observe-slow")
+SMALL = "65536"
+#: extra setups: (like, envoy-config options, host environment)
+VARIANTS: dict[str, tuple[str, tuple[str, ...], dict[str, str]]] = {
+    "fd-window": ("fd", ("--extproc-window", SMALL, "--extproc-buffer-limit", SMALL), {}),
+    "fd-window-listener": (
+        "fd",
+        ("--extproc-window", SMALL, "--extproc-buffer-limit", SMALL, "--listener-buffer-limit", SMALL),
+        {},
+    ),
+    "fd-arena2": ("fd", (), {"MALLOC_ARENA_MAX": "2"}),
+}
 
 
 def settings_for(setup: str, tee: Path, delay_ms: float) -> str:
@@ -65,12 +82,19 @@ async def uploads(url: str, body: Body, n: int) -> list[bool]:
 
 
 def run_setup(setup: str, body: Body, n: int, delay_ms: float, work: Path) -> dict[str, float]:
+    like, options, env = VARIANTS.get(setup, (setup, (), {}))
     tee = work / f"tee-{setup}"
     tee.mkdir(parents=True, exist_ok=True)
     settings = work / f"{setup}.toml"
-    settings.write_text(settings_for(setup, tee, delay_ms))
-    host = None if setup == "direct" else settings
-    with Stack(None, host, host_env={"PYTHONPATH": str(ROOT)}) as stack, stack.sampler(0.05) as rss:
+    settings.write_text(settings_for(like, tee, delay_ms))
+    host = None if like == "direct" else settings
+    envoy: Path | None = None
+    if options:
+        envoy = work / f"{setup}.yaml"
+        command = [str(Path(sys.executable).with_name("extproc-host")), "envoy-config", "--config", str(settings)]
+        subprocess.run([*command, *options, "-o", str(envoy)], check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    host_env = {"PYTHONPATH": str(ROOT), **env}
+    with Stack(envoy, host, host_env=host_env) as stack, stack.sampler(0.05) as rss:
         start = time.perf_counter()
         ok = asyncio.run(uploads(stack.url + "/upload", body, n))
         wall = time.perf_counter() - start

@@ -107,6 +107,14 @@ class EnvoyOptions:
     #: Observe-only routes: how long Envoy keeps feeding the host an exchange that is already
     #: over for the client (observability mode's deferred_close_timeout; Envoy's default is 5).
     observe_close_timeout: float = 5.0
+    #: Envoy's memory in FULL_DUPLEX_STREAMED (benchmarks/observe.py maps the trade-off):
+    #: HTTP/2 stream window of the ext_proc cluster (its connection window is 16 times it), so
+    #: how much of the host's answers Envoy takes ahead; None: Envoy's default (256 MiB).
+    extproc_window: int | None = None
+    #: per_connection_buffer_limit_bytes of the ext_proc cluster and of the listener; None:
+    #: Envoy's default (1 MiB).
+    extproc_buffer_limit: int | None = None
+    listener_buffer_limit: int | None = None
 
 
 def _seconds(value: float) -> datetime.timedelta:
@@ -289,6 +297,7 @@ def build_bootstrap(
     listener = Listener(
         name="ingress",
         address=listen_address,
+        per_connection_buffer_limit_bytes=options.listener_buffer_limit,
         filter_chains=[
             FilterChain(
                 filters=[
@@ -305,6 +314,19 @@ def build_bootstrap(
             # No panic mode: with fewer than half the replicas healthy (scaling 3 -> 1), Envoy
             # would otherwise spread streams over the stopping ones too, which refuse them.
             extproc.common_lb_config = ClusterCommonLbConfig(healthy_panic_threshold=Percent(value=0))
+        if options.extproc_window is not None:
+            h2 = Http2ProtocolOptions(
+                initial_stream_window_size=options.extproc_window,
+                initial_connection_window_size=16 * options.extproc_window,
+            )
+            extproc.typed_extension_protocol_options = {
+                HTTP_OPTIONS: AnyMessage.pack(
+                    HttpProtocolOptions(
+                        explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=h2)
+                    )
+                )
+            }
+        extproc.per_connection_buffer_limit_bytes = options.extproc_buffer_limit
         clusters.append(extproc)
     clusters.append(_cluster("upstream", [options.upstream], http2=False))
     admin = Admin(

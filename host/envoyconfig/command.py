@@ -63,6 +63,18 @@ def add_envoy_config_parser(sub: argparse._SubParsersAction[argparse.ArgumentPar
         metavar="S",
         help="observe-only routes: seconds Envoy keeps feeding the host an exchange the client is done with (default 5)",
     )
+    envoy.add_argument(
+        "--extproc-window",
+        type=int,
+        metavar="BYTES",
+        help="HTTP/2 stream window of the ext_proc cluster (connection window: 16x); default Envoy's 256 MiB",
+    )
+    envoy.add_argument(
+        "--extproc-buffer-limit", type=int, metavar="BYTES", help="per-connection buffer limit of the ext_proc cluster"
+    )
+    envoy.add_argument(
+        "--listener-buffer-limit", type=int, metavar="BYTES", help="per-connection buffer limit of Envoy's listener"
+    )
     envoy.add_argument("--no-ext-proc", action="store_true", help="no ext_proc filter: Envoy straight to the upstream")
     envoy.add_argument("--output", "-o", metavar="FILE", help="write to this file instead of standard output")
     envoy.set_defaults(handler=run_envoy_config)
@@ -91,6 +103,9 @@ def _envoy_config_command(args: argparse.Namespace) -> str:
         words += ["--health-check", f"{args.health_check:g}"]
     if args.observe_close_timeout != 5.0:
         words += ["--observe-close-timeout", f"{args.observe_close_timeout:g}"]
+    for flag in ("extproc_window", "extproc_buffer_limit", "listener_buffer_limit"):
+        if getattr(args, flag) is not None:
+            words += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     if args.no_ext_proc:
         words.append("--no-ext-proc")
     return " ".join(words)
@@ -120,6 +135,14 @@ def _envoy_options(args: argparse.Namespace) -> EnvoyOptions:
         raise ConfigError(f"--admin-port: expected a port number, got {args.admin_port}")
     if args.health_check is not None and args.health_check <= 0:
         raise ConfigError(f"--health-check: expected seconds above 0, got {args.health_check:g}")
+    if args.extproc_window is not None and not 65535 <= args.extproc_window <= 2**31 - 1:
+        raise ConfigError(
+            f"--extproc-window: expected 65535 to 2147483647 bytes (HTTP/2's range), got {args.extproc_window}"
+        )
+    for flag in ("extproc_buffer_limit", "listener_buffer_limit"):
+        value = getattr(args, flag)
+        if value is not None and not 1024 <= value <= 2**32 - 1:
+            raise ConfigError(f"--{flag.replace('_', '-')}: expected at least 1024 bytes, got {value}")
     if args.observe_close_timeout <= 0:
         raise ConfigError(f"--observe-close-timeout: expected seconds above 0, got {args.observe_close_timeout:g}")
     if args.message_timeout <= 0:
@@ -134,6 +157,9 @@ def _envoy_options(args: argparse.Namespace) -> EnvoyOptions:
         ext_proc=not args.no_ext_proc,
         health_check_interval=args.health_check,
         observe_close_timeout=args.observe_close_timeout,
+        extproc_window=args.extproc_window,
+        extproc_buffer_limit=args.extproc_buffer_limit,
+        listener_buffer_limit=args.listener_buffer_limit,
     )
 
 

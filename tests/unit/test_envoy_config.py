@@ -234,6 +234,24 @@ def test_clusters_and_options(tmp_path: Path) -> None:
     assert exposed["admin"]["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 9901}
 
 
+def test_envoy_memory_options_set_windows_and_buffer_limits(tmp_path: Path) -> None:
+    settings = '[routes.default]\nchain = ["response_only"]\n'
+    default = render(tmp_path, settings)
+    assert "per_connection_buffer_limit_bytes" not in cluster(default, "extproc")
+    assert "per_connection_buffer_limit_bytes" not in default["static_resources"]["listeners"][0]
+    small = render(
+        tmp_path,
+        settings,
+        *("--extproc-window", "65536", "--extproc-buffer-limit", "65536", "--listener-buffer-limit", "32768"),
+    )
+    extproc = cluster(small, "extproc")
+    h2 = extproc["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    windows = h2["explicit_http_config"]["http2_protocol_options"]
+    assert windows == {"initial_stream_window_size": 65536, "initial_connection_window_size": 16 * 65536}
+    assert extproc["per_connection_buffer_limit_bytes"] == 65536
+    assert small["static_resources"]["listeners"][0]["per_connection_buffer_limit_bytes"] == 32768
+
+
 def test_host_cluster_defaults_to_the_settings_listen_address(tmp_path: Path) -> None:
     settings = '[routes.default]\nchain = ["response_only"]\n'
     config = tmp_path / "s.toml"
@@ -341,6 +359,8 @@ def test_bad_settings_exit_2(
         (["--admin-address", "envoy-admin"], "--admin-address"),
         (["--health-check", "0"], "--health-check"),
         (["--host-address", "unix:"], "--host-address"),
+        (["--extproc-window", "1000"], "--extproc-window"),
+        (["--listener-buffer-limit", "10"], "--listener-buffer-limit"),
         (["--host-address", "127.0.0.1:9001", "--host-address", "127.0.0.1:9001"], "127.0.0.1:9001 is given twice"),
         (["--host-address", "unix:/run/h.sock", "--host-address", "host:9001"], "takes no Unix sockets"),
         (["--host-address", "127.0.0.1:9001", "--host-address", "nowhere"], "--host-address: expected HOST:PORT"),
