@@ -11,7 +11,8 @@ back, on fresh stacks, in these setups (alternating over ``--runs``):
 - ``fd-window``, ``fd-window-listener``: ``fd`` with Envoy-side memory settings in the generated
   config (a 64 KiB HTTP/2 stream window and buffer limit on the ext_proc cluster; and a 64 KiB
   buffer limit on the listener too);
-- ``fd-arena2``: ``fd`` with the host's glibc limited to two malloc arenas.
+- ``fd-arena2``: ``fd`` with the host's glibc limited to two malloc arenas; ``fd-rwin2m`` with
+  a 2 MiB receive window per stream (``[server] stream_window_bytes``), and both.
 
 For each: aggregate client MiB/s, Envoy's and the host's peak RSS, and how many of file_tee's
 copies are complete (``.body``, sha256 checked) or cut short (``.partial``: the part of an
@@ -50,6 +51,8 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...], dict[str, str]]] = {
         {},
     ),
     "fd-arena2": ("fd", (), {"MALLOC_ARENA_MAX": "2"}),
+    "fd-rwin2m": ("fd", (), {"EXTPROC_SERVER__STREAM_WINDOW_BYTES": "2097152"}),
+    "fd-rwin2m-arena2": ("fd", (), {"EXTPROC_SERVER__STREAM_WINDOW_BYTES": "2097152", "MALLOC_ARENA_MAX": "2"}),
 }
 
 
