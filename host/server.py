@@ -114,9 +114,17 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     task.uncancel()
                 error = stream.error
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(error))
-            # Envoy resets the stream when it is done with it, too: only a cut body is an error.
+            # Envoy resets the stream when it is done with it, too: only a cut body is an error,
+            # and only a stream cut short or cut while it waited to send leaves memory to reclaim.
             cut = stream.incomplete()
             error = StreamAborted(admission.cancelled_reason(cut)) if cut else None
+            completed = not cut and not stream.charged
+            raise
+        except GeneratorExit:
+            # gRPC closed the handler while an answer was being handed over: Envoy ended the
+            # stream, most often right as it took the last answer. Only an exchange cut short
+            # leaves memory to reclaim (a reclaim per ordinary exchange would stall the server).
+            completed = stream.incomplete() is None
             raise
         finally:
             upkeep.forget(stream)

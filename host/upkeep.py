@@ -105,11 +105,14 @@ class Upkeep:
         admission.abnormal += orphaned
         due = now - self.last_reclaim >= (RECLAIM_INTERVAL if not orphaned else self.tick)
         if (admission.abnormal != self.reclaimed or self.again) and due:
+            follow_up = admission.abnormal == self.reclaimed  # the one extra pass, not a new cause
             self.reclaimed = admission.abnormal
             self.last_reclaim = now
             started = time.perf_counter()
             found = reclaim()
-            self.again = found > 0
+            # One more pass for what the finalizers of the cycles found released; never a
+            # standing one (a busy server always has some cycles: that is gc's ordinary work).
+            self.again = found > 0 and not follow_up
             log.debug("reclaimed memory: %d objects in cycles, %.1f ms", found, (time.perf_counter() - started) * 1e3)
             if admission.metrics is not None:
                 admission.metrics.reclaims += 1
