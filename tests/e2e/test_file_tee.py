@@ -5,7 +5,6 @@ concurrent 70 MiB uploads with every body copied all complete exactly."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 from e2e_clients import ROUTE_PATHS, MiB, Payload, abandon_upload, h1_request, h2_request
 
 from extproc_host.stack import Stack
+from extproc_host.stack.demo import sha256_file
 
 pytestmark = pytest.mark.e2e
 
@@ -42,14 +42,6 @@ def tee(tee_stack):
     yield stack, directory
     for path in directory.iterdir():
         path.unlink()
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(MiB):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def wait_for(directory: Path, done, timeout: float = 20.0) -> list[Path]:
@@ -95,8 +87,8 @@ async def test_copies_are_byte_identical(tee, payload, route, h2, size):
         assert list(directory.iterdir()) == []
         return
     [(req, resp)] = pairs(directory, route)
-    assert sha256_of(req) == body.sha256
-    assert sha256_of(resp) == echoed.sha256
+    assert sha256_file(req) == body.sha256
+    assert sha256_file(resp) == echoed.sha256
 
 
 @pytest.mark.parametrize("route", ROUTES)
@@ -126,5 +118,5 @@ async def test_ten_concurrent_70mib_uploads_with_both_bodies_copied(tee, payload
         assert (echoed.size, echoed.sha256) == (body.size, body.sha256)
     found = pairs(directory, "full-duplex-streamed")
     assert len(found) == 10
-    digests = await asyncio.gather(*(asyncio.to_thread(sha256_of, p) for pair in found for p in pair))
+    digests = await asyncio.gather(*(asyncio.to_thread(sha256_file, p) for pair in found for p in pair))
     assert digests == [body.sha256] * 20
