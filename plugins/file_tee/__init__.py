@@ -347,22 +347,30 @@ def remove_leftover_temporaries(directory: str) -> list[str]:
     """Delete the temporary files in ``directory`` that a killed process of this machine left
     (its pid is gone or is ours: at start-up we have written nothing yet); their names."""
     host, _, me = _WRITER.rpartition("-")
-    removed: list[str] = []
     try:
         entries = os.listdir(directory)
     except FileNotFoundError:
-        return removed
+        return []
+    leftovers = []
     for entry in entries:
         found = _TMP_NAME.match(entry)
         if found is None or found["host"] != host:
             continue
         if found["pid"] != me and _alive(int(found["pid"])):
             continue  # another live process (a worker) is writing it
+        leftovers.append(entry)
+    return _unlink_all(directory, leftovers)
+
+
+def _unlink_all(directory: str, names: list[str]) -> list[str]:
+    """Delete ``names`` in ``directory``; the names of those that were still there."""
+    removed: list[str] = []
+    for name in names:
         try:
-            os.unlink(os.path.join(directory, entry))
+            os.unlink(os.path.join(directory, name))
         except FileNotFoundError:
             continue
-        removed.append(entry)
+        removed.append(name)
     return removed
 
 
@@ -382,14 +390,7 @@ def prune_partials(directory: str, keep: int) -> list[str]:
     if len(partials) <= keep:
         return []
     partials.sort()
-    removed: list[str] = []
-    for _, name in partials[: len(partials) - keep]:
-        try:
-            os.unlink(os.path.join(directory, name))
-        except FileNotFoundError:
-            continue
-        removed.append(name)
-    return removed
+    return _unlink_all(directory, [name for _, name in partials[: len(partials) - keep]])
 
 
 class FileTee(Plugin[FileTeeSettings]):
