@@ -10,16 +10,24 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from .h2server import SERVER_STREAM, UNARY, H2Server
+
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+HEALTH_SERVICE = "grpc.health.v1.Health"
 SERVICES = ("", EXT_PROC_SERVICE)
 
 
 class Health:
     """The health servicer of one server, with the two states the host goes through."""
 
-    def __init__(self, server: grpc.aio.Server) -> None:
+    def __init__(self, server: grpc.aio.Server | H2Server) -> None:
         self.servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
+        if isinstance(server, H2Server):
+            request = health_pb2.HealthCheckRequest
+            server.add_method(f"/{HEALTH_SERVICE}/Check", UNARY, self.servicer.Check, request)
+            server.add_method(f"/{HEALTH_SERVICE}/Watch", SERVER_STREAM, self.servicer.Watch, request)
+        else:
+            health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
 
     async def starting(self) -> None:
         """Before the server starts: NOT_SERVING (grpc's servicer starts "" as SERVING)."""

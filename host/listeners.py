@@ -23,9 +23,13 @@ import ssl
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from .h2server import H2Server
 
 UNIX_PREFIX = "unix:"
 # sun_path holds 108 bytes on Linux, the terminating NUL included.
@@ -132,6 +136,17 @@ class TlsSettings(BaseModel):
                 raise ValueError(f"client_ca_file is not a PEM certificate: {exc}") from None
         return self
 
+    def ssl_context(self) -> ssl.SSLContext:
+        """The builtin server's TLS context: HTTP/2 by ALPN; client certificates required when a
+        client CA is set."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert_file, self.key_file)
+        context.set_alpn_protocols(["h2"])
+        if self.client_ca_file is not None:
+            context.load_verify_locations(cafile=self.client_ca_file)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
     def credentials(self) -> grpc.ServerCredentials:
         """gRPC server credentials; client certificates required when a client CA is set."""
         ca = Path(self.client_ca_file).read_bytes() if self.client_ca_file else None
@@ -187,6 +202,26 @@ class Listener:
             raise OSError(f"cannot listen on {shown} (address in use or not available)")
         if path is not None:
             # gRPC removes the file when the server stops; this covers the other ways out.
+            self._socket_inode = os.lstat(path).st_ino
+            atexit.register(self.close)
+            return shown
+        return self.address.with_port(bound).target()
+
+    async def bind_h2(self, server: H2Server, *, reuse_port: bool = False) -> str:
+        """Listen with the builtin HTTP/2 server; returns the bound address to announce.
+        OSError when it cannot be bound."""
+        shown = self.address.target()
+        path = self.address.path
+        context = self.tls.ssl_context() if self.tls is not None else None
+        if path is not None:
+            _claim_socket_path(path)
+        try:
+            bound = await server.listen(
+                self.address.host or None, self.address.port, path=path, ssl_context=context, reuse_port=reuse_port
+            )
+        except OSError as exc:
+            raise OSError(f"cannot listen on {shown}: {exc.strerror or exc}") from None
+        if path is not None:
             self._socket_inode = os.lstat(path).st_ino
             atexit.register(self.close)
             return shown

@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError
 
 from .admission import Admission, Limits
 from .errors import IdleTimeout, LimitExceeded, ProtocolError, StreamAborted, StreamFailed
+from .h2server import BIDI, H2Server
 from .health import Health
 from .listeners import ListenAddress, Listener, parse_address
 from .logs import announce, current_stream
@@ -28,6 +29,11 @@ from .settings import Settings, parse_listen
 from .upkeep import Upkeep
 
 log = logging.getLogger("extproc_host.server")
+
+PROCESS_METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+# [server] stream_window_bytes = 0 ("automatic") with the builtin transport, which does not
+# probe the link's bandwidth-delay product: the default window.
+DEFAULT_STREAM_WINDOW = 4 * 1024 * 1024
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # generated, untyped
@@ -193,15 +199,24 @@ async def serve(
     """Run until SIGTERM/SIGINT; prints ``extproc-host listening on ADDRESS`` once bound, or,
     as a worker, calls ``on_ready(ADDRESS)`` instead (its supervisor prints the line)."""
     listener = Listener(parse_address(listen or settings.server.listen), settings.server.tls)
-    server = grpc.aio.server(options=server_options(settings, reuse_port))
+    server: grpc.aio.Server | H2Server
+    if settings.server.transport == "grpcio":
+        server = grpc.aio.server(options=server_options(settings, reuse_port))
+    else:
+        window = settings.server.stream_window_bytes or DEFAULT_STREAM_WINDOW
+        server = H2Server(max_message_bytes=settings.server.max_message_bytes, window_bytes=window)
     metrics = start_metrics(settings)
     router = Router(routes, metrics, settings.server.max_message_bytes)
     servicer = ExternalProcessor(router, pm, limits=Limits.from_settings(settings.server))
-    pb_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
     health = Health(server)
     await health.starting()
-    shown = listener.bind(server)  # a Unix socket file is removed at exit
-    await server.start()
+    if isinstance(server, H2Server):
+        server.add_method(PROCESS_METHOD, BIDI, servicer.Process, pb.ProcessingRequest)
+        shown = await listener.bind_h2(server, reuse_port=reuse_port)
+    else:
+        pb_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
+        shown = listener.bind(server)  # a Unix socket file is removed at exit
+        await server.start()
     pm.hook.host_started(settings=settings)
     await health.serving()
     if metrics is not None:
@@ -254,7 +269,7 @@ def start_metrics(settings: Settings) -> Metrics | None:
 
 
 async def graceful_stop(
-    server: grpc.aio.Server,
+    server: grpc.aio.Server | H2Server,
     servicer: ExternalProcessor,
     health: Health,
     grace: float,

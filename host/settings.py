@@ -63,6 +63,10 @@ class ServerSettings(BaseModel):
     # which grows it to many MiB on a fast link (benchmarks/: higher and unsteady host memory,
     # no throughput gain on 10 x 70 MiB uploads).
     stream_window_bytes: int = Field(default=4 * 1024 * 1024, ge=0, le=1024 * 1024 * 1024)
+    # The gRPC server: "builtin", the host's own HTTP/2 server on the event loop (h2server.py:
+    # half grpcio's CPU per small exchange, benchmarks/); "grpcio", grpc.aio (for 0 above, the
+    # automatic window, which the builtin server does not probe for: it uses 4 MiB).
+    transport: Literal["builtin", "grpcio"] = "builtin"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # "json": one JSON object per line (log collectors); "text": human-readable lines.
     log_format: Literal["text", "json"] = "text"

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2] / "host"
 #: The serving core, bottom to top: a module may import only modules of a lower layer (or of
 #: its own layer when listed in ALLOWED_SAME_LAYER).
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "listeners", "drain", "data"),
+    ("errors", "h2server"),
+    ("listeners", "drain", "data"),
     ("plugin",),
     ("hookspecs", "routes", "settings"),
     ("chain", "protocol", "metrics", "modes", "logs", "health", "reclaim"),

@@ -1,0 +1,178 @@
+"""The builtin gRPC server (h2server.py) against grpc's own client: messages larger than a frame
+and than a flow-control window both ways, errors as gRPC statuses, cancellation reaching the
+handler, and bytes that are not HTTP/2 closing only their own connection."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from google.protobuf.wrappers_pb2 import BytesValue
+
+from extproc_host.h2server import BIDI, GOAWAY, SERVER_STREAM, UNARY, Context, H2Server
+
+ECHO = "/test.Echo/Echo"
+SIZE = "/test.Echo/Size"
+COUNT = "/test.Echo/Count"
+WINDOW = 65535
+
+
+class Handlers:
+    def __init__(self) -> None:
+        self.cancelled = asyncio.Event()
+        self.started = asyncio.Event()
+
+    async def echo(self, requests: AsyncIterator[BytesValue], context: Context) -> AsyncIterator[BytesValue]:
+        self.started.set()
+        try:
+            async for request in requests:
+                if request.value == b"abort":
+                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no: 100% sure \u2713")
+                if request.value == b"raise":
+                    raise RuntimeError("handler bug")
+                yield BytesValue(value=request.value)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+    async def size(self, request: BytesValue, context: Context) -> BytesValue:
+        return BytesValue(value=hashlib.sha256(request.value).digest())
+
+    async def count(self, request: BytesValue, context: Context) -> None:
+        for i in range(int(request.value)):
+            await context.write(BytesValue(value=str(i).encode()))
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[H2Server, Handlers, grpc.aio.Channel]]:
+    handlers = Handlers()
+    server = H2Server(max_message_bytes=8 * 1024 * 1024, window_bytes=WINDOW)
+    server.add_method(ECHO, BIDI, handlers.echo, BytesValue)
+    server.add_method(SIZE, UNARY, handlers.size, BytesValue)
+    server.add_method(COUNT, SERVER_STREAM, handlers.count, BytesValue)
+    port = await server.listen("127.0.0.1", 0)
+    options = [
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ]
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options)
+    try:
+        yield server, handlers, channel
+    finally:
+        await channel.close()
+        await server.stop()
+
+
+def frame_types(data: bytes) -> list[int]:
+    """The types of the HTTP/2 frames in ``data`` (a server's bytes, which start with frames)."""
+    types, pos = [], 0
+    while pos + 9 <= len(data):
+        types.append(data[pos + 3])
+        pos += 9 + int.from_bytes(data[pos : pos + 3], "big")
+    return types
+
+
+def echo_call(channel: grpc.aio.Channel) -> grpc.aio.StreamStreamMultiCallable:
+    return channel.stream_stream(ECHO, BytesValue.SerializeToString, BytesValue.FromString)
+
+
+async def test_messages_larger_than_frames_and_windows_come_back_whole(served) -> None:
+    _, _, channel = served
+    bodies = [b"", b"x", bytes(range(256)) * 1000, b"\x07" * (5 * 1024 * 1024 + 3)]  # 5 MiB > 64 KiB window
+    call = echo_call(channel)()
+    for body in bodies:
+        await call.write(BytesValue(value=body))
+        answer = await call.read()
+        assert hashlib.sha256(answer.value).hexdigest() == hashlib.sha256(body).hexdigest()
+    await call.done_writing()
+    assert await call.read() is grpc.aio.EOF
+    assert await call.code() is grpc.StatusCode.OK
+
+
+async def test_many_concurrent_streams_each_get_their_own_answers(served) -> None:
+    _, _, channel = served
+
+    async def one(i: int) -> list[bytes]:
+        call = echo_call(channel)()
+        out = []
+        for j in range(3):
+            await call.write(BytesValue(value=f"{i}-{j}".encode() * (i + 1)))
+            out.append((await call.read()).value)
+        await call.done_writing()
+        return out
+
+    results = await asyncio.gather(*(one(i) for i in range(50)))
+    for i, got in enumerate(results):
+        assert got == [f"{i}-{j}".encode() * (i + 1) for j in range(3)]
+
+
+async def test_unary_and_server_streaming(served) -> None:
+    _, _, channel = served
+    body = b"y" * 300_000
+    digest = await channel.unary_unary(SIZE, BytesValue.SerializeToString, BytesValue.FromString)(
+        BytesValue(value=body)
+    )
+    assert digest.value == hashlib.sha256(body).digest()
+    stream = channel.unary_stream(COUNT, BytesValue.SerializeToString, BytesValue.FromString)(BytesValue(value=b"5"))
+    assert [m.value async for m in stream] == [b"0", b"1", b"2", b"3", b"4"]
+
+
+async def test_abort_and_handler_errors_become_statuses(served) -> None:
+    _, _, channel = served
+    call = echo_call(channel)()
+    await call.write(BytesValue(value=b"abort"))
+    assert await call.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert await call.details() == "no: 100% sure \u2713"
+    call = echo_call(channel)()
+    await call.write(BytesValue(value=b"raise"))
+    assert await call.code() is grpc.StatusCode.UNKNOWN
+    assert "handler bug" in await call.details()
+
+
+async def test_unknown_method_is_unimplemented(served) -> None:
+    _, _, channel = served
+    call = channel.unary_unary("/test.Echo/Nope", BytesValue.SerializeToString, BytesValue.FromString)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await call(BytesValue(value=b"x"))
+    assert error.value.code() is grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_message_over_the_limit_is_resource_exhausted(served) -> None:
+    server, _, channel = served
+    server.max_message_bytes = 1000
+    call = echo_call(channel)()
+    await call.write(BytesValue(value=b"z" * 2000))
+    assert await call.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in await call.details()
+
+
+async def test_client_cancel_cancels_the_handler(served) -> None:
+    _, handlers, channel = served
+    call = echo_call(channel)()
+    await call.write(BytesValue(value=b"hello"))
+    assert (await call.read()).value == b"hello"
+    call.cancel()
+    await asyncio.wait_for(handlers.cancelled.wait(), 5)
+
+
+async def test_garbage_closes_only_its_connection(served) -> None:
+    server, _, channel = served
+    port = next(iter(server.listeners)).sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    for garbage in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\xff" * 64):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setblocking(False)
+        await loop.sock_sendall(sock, garbage)
+        received = b""
+        while chunk := await asyncio.wait_for(loop.sock_recv(sock, 65536), 5):
+            received += chunk
+        sock.close()
+        assert GOAWAY in frame_types(received)
+    answer = await channel.unary_unary(SIZE, BytesValue.SerializeToString, BytesValue.FromString)(
+        BytesValue(value=b"still serving")
+    )
+    assert answer.value == hashlib.sha256(b"still serving").digest()
