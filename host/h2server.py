@@ -361,10 +361,16 @@ class Connection(asyncio.Protocol):
             self.out.clear()
 
     def pause_writing(self) -> None:
+        # The peer does not read what the host writes: stop reading what it sends until it
+        # does, so that a flood of PINGs or SETTINGS cannot queue answers without bound.
         self.paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.paused = False
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
         self._unblock_all()
 
     def _unblock_all(self) -> None:

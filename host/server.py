@@ -228,7 +228,13 @@ async def serve(
         announce(f"extproc-host listening on {shown}")
     else:
         on_ready(shown)
-    log.info("serving routes %s on %s%s", ", ".join(router.plans), shown, " (TLS)" if listener.tls else "")
+    log.info(
+        "serving routes %s on %s%s, transport %s",
+        ", ".join(router.plans),
+        shown,
+        " (TLS)" if listener.tls else "",
+        settings.server.transport,
+    )
 
     stopped_by: list[int] = []  # the first signal
     stop = asyncio.Event()

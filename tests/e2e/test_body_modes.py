@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Iterator
 
 import pytest
 from e2e_clients import ROUTE_PATHS, KiB, MiB, h1_request, h2_request
@@ -106,3 +107,22 @@ async def test_ten_concurrent_70mib_full_duplex_uploads(stack: Stack, payload) -
     # A host that held every body whole, both ways, would pass 1.4 GiB here. (A minimal
     # grpc.aio passthrough peaks anywhere from 200 to 650 MiB on this test: gRPC buffers.)
     assert rss.peak_host < 1200 * MiB, f"host peak RSS {rss.peak_host / MiB:.0f} MiB"
+
+
+@pytest.fixture(scope="module")
+def grpcio_stack(tee_directory) -> Iterator[Stack]:
+    """The session stack's settings with ``[server] transport = "grpcio"`` (grpc.aio's server
+    instead of the builtin one)."""
+    env = {"EXTPROC_PLUGINS__FILE_TEE__DIRECTORY": str(tee_directory), "EXTPROC_SERVER__TRANSPORT": "grpcio"}
+    with Stack("envoy/full_duplex.yaml", "config/full_duplex.toml", host_env=env) as running:
+        yield running
+
+
+@pytest.mark.parametrize("size", [0, 64 * KiB, 5 * MiB], ids=_size_id)
+@pytest.mark.parametrize("route", ROUTES)
+async def test_grpcio_transport_upload_echoed(grpcio_stack: Stack, payload, route: str, size: int) -> None:
+    """The grpc.aio transport, kept as an option, moves the same bytes in every mode."""
+    body = payload(size)
+    echoed = await h1_request(grpcio_stack.url + ROUTE_PATHS[route], body=body)
+    _assert_echoed(echoed, body, route)
+    assert "transport grpcio" in grpcio_stack.logs["host"].read_text()

@@ -161,7 +161,7 @@ async def test_client_cancel_cancels_the_handler(served) -> None:
 
 async def test_garbage_closes_only_its_connection(served) -> None:
     server, _, channel = served
-    port = next(iter(server.listeners)).sockets[0].getsockname()[1]
+    port = server.listeners[0].sockets[0].getsockname()[1]
     loop = asyncio.get_running_loop()
     for garbage in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\xff" * 64):
         sock = socket.create_connection(("127.0.0.1", port))
@@ -176,3 +176,31 @@ async def test_garbage_closes_only_its_connection(served) -> None:
         BytesValue(value=b"still serving")
     )
     assert answer.value == hashlib.sha256(b"still serving").digest()
+
+
+async def test_a_peer_that_does_not_read_is_not_read_either(served) -> None:
+    """A PING flood from a client that never reads the answers: the server stops reading once
+    its answers back up, so what it holds for that connection stays bounded."""
+    server, _, _ = served
+    port = server.listeners[0].sockets[0].getsockname()[1]
+    ping = bytes([0, 0, 8, 6, 0, 0, 0, 0, 0]) + b"12345678"
+    flood = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]) + ping * 3_000_000  # 51 MB: more than both kernels buffer
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    sent = 0
+    stalled = 0.0
+    while sent < len(flood) and stalled < 1.0:
+        try:
+            sent += sock.send(flood[sent : sent + 65536])
+            stalled = 0.0
+        except BlockingIOError:
+            await asyncio.sleep(0.05)
+            stalled += 0.05
+    (conn,) = server.connections
+    held = conn.transport.get_write_buffer_size() + sum(map(len, conn.out))
+    sock.close()
+    assert sent < len(flood), "the server read the whole flood although its answers were not taken"
+    assert held < 2 * 1024 * 1024, f"the server holds {held} bytes of answers"
