@@ -184,12 +184,14 @@ async def test_a_peer_that_does_not_read_is_not_read_either(served) -> None:
     server, _, _ = served
     port = server.listeners[0].sockets[0].getsockname()[1]
     ping = bytes([0, 0, 8, 6, 0, 0, 0, 0, 0]) + b"12345678"
-    flood = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]) + ping * 3_000_000  # 51 MB: more than both kernels buffer
+    flood = (
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]) + ping * 3_000_000
+    )  # 51 MB: more than both kernels buffer
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", port))
     sock.setblocking(False)
-    loop = asyncio.get_running_loop()
+    asyncio.get_running_loop()
     sent = 0
     stalled = 0.0
     while sent < len(flood) and stalled < 1.0:
