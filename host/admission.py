@@ -18,9 +18,8 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
-import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from .errors import LimitExceeded, OverBudget, PluginError, StreamAborted
@@ -114,21 +113,23 @@ class Admission:
     async def refuse(
         self,
         requests: AsyncIterator[pb.ProcessingRequest],
-        context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse],
+        context: Any,
+        codes: Any,
     ) -> NoReturn:
         """End a new stream with UNAVAILABLE (shutting down) or RESOURCE_EXHAUSTED (at the
-        limit), after logging why and counting it as ``refused`` on its route."""
+        limit), after logging why and counting it as ``refused`` on its route. ``codes``: the
+        transport's status code enum."""
         if not self.accepting:
-            code, reason = grpc.StatusCode.UNAVAILABLE, "shutting_down"
+            code, reason = codes.UNAVAILABLE, "shutting_down"
             message = "extproc-host is shutting down and takes no new streams"
         elif self.max_streams and self.active >= self.max_streams:
-            code, reason = grpc.StatusCode.RESOURCE_EXHAUSTED, "max_concurrent_streams"
+            code, reason = codes.RESOURCE_EXHAUSTED, "max_concurrent_streams"
             message = (
                 f"extproc-host refused the stream: {self.active} streams are open, "
                 f"the limit ([server] max_concurrent_streams) is {self.max_streams}"
             )
         else:
-            code, reason = grpc.StatusCode.RESOURCE_EXHAUSTED, "max_held_bytes"
+            code, reason = codes.RESOURCE_EXHAUSTED, "max_held_bytes"
             message = (
                 f"extproc-host refused the stream: open streams hold {self.held} bytes, "
                 f"the limit ([server] max_held_bytes) is {self.max_held_bytes}"

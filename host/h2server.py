@@ -16,12 +16,14 @@ It serves what Envoy's gRPC client (and grpc's own clients, for ``extproc-host h
 - ``grpc-status`` / ``grpc-message`` trailers, Trailers-Only answers for errors before any
   message, RST_STREAM from the peer cancelling the handler's task, GOAWAY on shutdown.
 
-Handlers see the part of ``grpc.aio.ServicerContext`` the host uses: ``abort()`` and ``write()``.
+Handlers see the part of ``grpc.aio.ServicerContext`` the host uses: ``abort()`` and ``write()``,
+with this module's :class:`StatusCode` (grpc's names) in place of ``grpc.StatusCode``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import ssl
 import struct
@@ -30,7 +32,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-import grpc
 import hpack
 
 log = logging.getLogger("extproc_host.h2server")
@@ -91,14 +92,37 @@ RESPONSE_HEADERS = b"\x88" + b"\x0f\x10" + _hpack_int(16, 7, 0) + b"application/
 TRAILERS_OK = _literal(b"grpc-status", b"0")
 
 
+class StatusCode(enum.Enum):
+    """gRPC's status codes, with grpc.StatusCode's names (the builtin server does not import grpc:
+    18 MiB of resident memory)."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
+
+
 def _percent_encode(text: str) -> bytes:
     """grpc-message's encoding: printable ASCII other than ``%`` as is, other bytes as ``%XX``."""
     raw = text.encode("utf-8", "replace")
     return b"".join(bytes([b]) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b for b in raw)
 
 
-def _status_block(code: grpc.StatusCode, details: str) -> bytes:
-    block = _literal(b"grpc-status", str(code.value[0]).encode())
+def _status_block(code: StatusCode, details: str) -> bytes:
+    block = _literal(b"grpc-status", str(code.value).encode())
     if details:
         block += _literal(b"grpc-message", _percent_encode(details))
     return block
@@ -107,7 +131,7 @@ def _status_block(code: grpc.StatusCode, details: str) -> bytes:
 class AbortError(Exception):
     """Raised by :meth:`Context.abort`: the handler ends its call with ``code``."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: StatusCode, details: str) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
@@ -138,7 +162,7 @@ class Context:
     def __init__(self, stream: Stream) -> None:
         self._stream = stream
 
-    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> NoReturn:
+    async def abort(self, code: StatusCode, details: str = "", trailing_metadata: Any = ()) -> NoReturn:
         """End the call with ``code`` and ``details`` (raises)."""
         raise AbortError(code, details)
 
@@ -233,18 +257,19 @@ class Stream:
         while len(partial) >= 5:
             flag, length = _MESSAGE_PREFIX.unpack_from(partial)
             if flag:
-                self.fail(grpc.StatusCode.UNIMPLEMENTED, "compressed messages are not supported")
+                self.fail(StatusCode.UNIMPLEMENTED, "compressed messages are not supported")
                 return
             if length > conn.server.max_message_bytes:
                 limit = conn.server.max_message_bytes
                 self.fail(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    StatusCode.RESOURCE_EXHAUSTED,
                     f"Received message larger than max ({length} vs. {limit})",
                 )
                 return
             if len(partial) < length + 5:
                 break
-            self.inbox.append(bytes(partial[5 : length + 5]))
+            with memoryview(partial) as whole:
+                self.inbox.append(bytes(whole[5 : length + 5]))
             del partial[: length + 5]
         if self.inbox:
             self.wake()
@@ -259,7 +284,7 @@ class Stream:
         self.conn.write(_frame(WINDOW_UPDATE, 0, self.id, _U32.pack(self.uncredited)))
         self.uncredited = 0
 
-    def fail(self, code: grpc.StatusCode, details: str) -> None:
+    def fail(self, code: StatusCode, details: str) -> None:
         """End the call from the transport's side with ``code``: the handler's requests end (as
         grpc.aio ends them) and what it sends from now on is dropped."""
         if self.reset:
@@ -285,15 +310,20 @@ class Stream:
             conn.write(_MESSAGE_PREFIX.pack(0, len(message)))
             conn.write(message)
             return
-        await self._send_slowly(_MESSAGE_PREFIX.pack(0, len(message)) + message)
+        await self._send_slowly(message)
 
-    async def _send_slowly(self, data: bytes) -> None:
+    async def _send_slowly(self, message: bytes) -> None:
+        """A message that must wait for windows or the socket, or spans frames: frame by frame,
+        the message's bytes written as slices of it (no copy)."""
         conn = self.conn
-        view = memoryview(data)
-        while view:
+        prefix = _MESSAGE_PREFIX.pack(0, len(message))
+        body = memoryview(message)
+        total = len(message) + 5
+        sent = 0
+        while sent < total:
             if self.reset:
                 raise asyncio.CancelledError("stream reset")
-            n = min(len(view), conn.peer_max_frame, self.send_window, conn.send_window)
+            n = min(total - sent, conn.peer_max_frame, self.send_window, conn.send_window)
             if n <= 0 or conn.paused:
                 self.window_waiter = conn.loop.create_future()
                 conn.blocked.add(self)
@@ -305,9 +335,13 @@ class Stream:
             self.send_window -= n
             conn.send_window -= n
             conn.write(_FRAME_HEADER.pack(n >> 8, n & 0xFF, DATA, 0, self.id))
-            conn.write(view[:n].tobytes())
-            view = view[n:]
-            if len(data) >= LARGE_MESSAGE:
+            end = sent + n
+            if sent < 5:
+                conn.write(prefix[sent : min(end, 5)])
+            if end > 5:
+                conn.write(body[max(sent, 5) - 5 : end - 5])
+            sent = end
+            if total >= LARGE_MESSAGE:
                 conn.flush()
 
     def unblock(self) -> None:
@@ -323,7 +357,9 @@ class Connection(asyncio.Protocol):
         self.server = server
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self.buffer = b""
+        self.pending: list[bytes] = []  # the start of a frame, in the pieces reads brought
+        self.pending_size = 0
+        self.needed = 0  # bytes the pending frame needs before it can be parsed
         self.preface = False
         self.streams: dict[int, Stream] = {}
         self.last_stream = 0
@@ -335,7 +371,7 @@ class Connection(asyncio.Protocol):
         self.peer_max_frame = DEFAULT_FRAME
         self.send_window = DEFAULT_WINDOW
         self.received_unacked = 0
-        self.out: list[bytes] = []
+        self.out: list[bytes | memoryview] = []
         self.flush_scheduled = False
         self.paused = False
         self.blocked: set[Stream] = set()
@@ -344,7 +380,7 @@ class Connection(asyncio.Protocol):
 
     # -- writing ---------------------------------------------------------------------------
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         """Queue ``data``; everything queued in one loop pass leaves in one write."""
         self.out.append(data)
         if not self.flush_scheduled:
@@ -353,12 +389,9 @@ class Connection(asyncio.Protocol):
 
     def flush(self) -> None:
         self.flush_scheduled = False
-        if self.out and self.transport is not None and not self.transport.is_closing():
-            data = b"".join(self.out)
-            self.out.clear()
-            self.transport.write(data)
-        else:
-            self.out.clear()
+        out, self.out = self.out, []
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(out)  # uvloop: one writev, no joined copy
 
     def pause_writing(self) -> None:
         # The peer does not read what the host writes: stop reading what it sends until it
@@ -420,15 +453,20 @@ class Connection(asyncio.Protocol):
     # -- reading ---------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self.buffer:  # the start of a frame the last read cut
-            data = self.buffer + data
-            self.buffer = b""
+        if self.pending:  # a frame the last reads cut: join the pieces once it is whole
+            self.pending.append(data)
+            self.pending_size += len(data)
+            if self.pending_size < self.needed:
+                return
+            data = b"".join(self.pending)
+            self.pending = []
+            self.pending_size = 0
         try:
             if not self.preface:
                 if len(data) < len(PREFACE):
                     if not PREFACE.startswith(data):
                         raise PeerError(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
-                    self.buffer = data
+                    self._keep(data, len(PREFACE))
                     return
                 if not data.startswith(PREFACE):
                     raise PeerError(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
@@ -436,6 +474,7 @@ class Connection(asyncio.Protocol):
                 data = data[len(PREFACE) :]
             pos = 0
             end = len(data)
+            needed = 9
             view = memoryview(data)  # over immutable bytes: frames are sliced without copies
             while end - pos >= 9:
                 hi, lo, kind, flags, stream_id = _FRAME_HEADER.unpack_from(data, pos)
@@ -443,12 +482,13 @@ class Connection(asyncio.Protocol):
                 if length > OWN_MAX_FRAME:
                     raise PeerError(FRAME_SIZE_ERROR, f"frame of {length} bytes")
                 if end - pos < 9 + length:
+                    needed = 9 + length
                     break
                 start = pos + 9
                 pos = start + length
                 self._frame_received(kind, flags, stream_id & 0x7FFFFFFF, view[start:pos])
             if pos < end:
-                self.buffer = data[pos:]
+                self._keep(data[pos:], needed)
         except PeerError as exc:
             log.warning("HTTP/2 connection from %s closed: %s", self.peer, exc)
             self.close(exc.code, str(exc))
@@ -458,6 +498,12 @@ class Connection(asyncio.Protocol):
         except Exception:
             log.exception("HTTP/2 connection from %s closed: unexpected error", self.peer)
             self.close(INTERNAL_ERROR, "internal error")
+
+    def _keep(self, rest: bytes, needed: int) -> None:
+        """Hold the start of a frame (or of the preface) until ``needed`` bytes are there."""
+        self.pending = [rest]
+        self.pending_size = len(rest)
+        self.needed = needed
 
     def _frame_received(self, kind: int, flags: int, stream_id: int, payload: memoryview) -> None:
         if self.header_block is not None and kind != CONTINUATION:
@@ -552,9 +598,10 @@ class Connection(asyncio.Protocol):
         stream = self.streams.get(stream_id)
         if stream is None or stream.remote_closed:
             return  # a stream the host already ended: its bytes count for the connection only
-        if flags & PADDED:
+        if flags & PADDED:  # the padding counts against the stream's window too
             pad = payload[0]
             payload = payload[1 : len(payload) - pad]
+            stream.uncredited += pad + 1
         if payload:
             stream.received(payload)
         if flags & END_STREAM and not stream.reset:
@@ -588,15 +635,15 @@ class Connection(asyncio.Protocol):
                 stream.compressed = True
         method = self.server.methods.get(path)
         if method is None:
-            self.finish(stream, grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {path}")
+            self.finish(stream, StatusCode.UNIMPLEMENTED, f"Method not found: {path}")
             return
         stream.task = self.loop.create_task(self.server.run(stream, method))
 
-    def finish(self, stream: Stream, code: grpc.StatusCode | None, details: str = "") -> None:
+    def finish(self, stream: Stream, code: StatusCode | None, details: str = "") -> None:
         """Send the call's trailers (Trailers-Only when no message went out) and forget it."""
         if stream.reset:
             return
-        block = TRAILERS_OK if code is None or code is grpc.StatusCode.OK else _status_block(code, details)
+        block = TRAILERS_OK if code is None or code is StatusCode.OK else _status_block(code, details)
         if not stream.headers_sent:
             block = RESPONSE_HEADERS + block
         self.write(_frame(HEADERS, END_STREAM | END_HEADERS, stream.id, block))
@@ -659,11 +706,11 @@ class H2Server:
         assert task is not None
         self.calls.add(task)
         conn = stream.conn
-        code: grpc.StatusCode | None = None
+        code: StatusCode | None = None
         details = ""
         try:
             if stream.compressed:
-                raise AbortError(grpc.StatusCode.UNIMPLEMENTED, "compressed messages are not supported")
+                raise AbortError(StatusCode.UNIMPLEMENTED, "compressed messages are not supported")
             parse = method.request_type.FromString
             context = Context(stream)
             if method.kind == BIDI:
@@ -687,7 +734,7 @@ class H2Server:
             raise
         except Exception as exc:  # a handler's bug: the call fails, the server goes on
             log.error("unexpected error in %s", method.handler, exc_info=True)
-            code, details = grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc).__name__}: {exc}"
+            code, details = StatusCode.UNKNOWN, f"Unexpected {type(exc).__name__}: {exc}"
         finally:
             self.calls.discard(task)
         conn.finish(stream, code, details)
@@ -698,7 +745,7 @@ class H2Server:
         try:
             return await anext(requests)
         except StopAsyncIteration:
-            raise AbortError(grpc.StatusCode.INTERNAL, "no request message") from None
+            raise AbortError(StatusCode.INTERNAL, "no request message") from None
 
     async def stop(self, grace: float | None = None) -> None:
         """Close the listeners, cancel every open call, and close the connections with GOAWAY

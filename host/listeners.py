@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import grpc
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # grpc is imported only with transport = "grpcio"
+    import grpc
+
     from .h2server import H2Server
 
 UNIX_PREFIX = "unix:"
@@ -149,6 +150,8 @@ class TlsSettings(BaseModel):
 
     def credentials(self) -> grpc.ServerCredentials:
         """gRPC server credentials; client certificates required when a client CA is set."""
+        import grpc
+
         ca = Path(self.client_ca_file).read_bytes() if self.client_ca_file else None
         pair = (Path(self.key_file).read_bytes(), Path(self.cert_file).read_bytes())
         return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)

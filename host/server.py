@@ -1,4 +1,5 @@
-"""The gRPC side: a grpc.aio server whose ExternalProcessor/Process runs one StreamProcessor per stream."""
+"""The gRPC side: the server (the builtin h2server, or grpc.aio) whose ExternalProcessor/Process
+runs one StreamProcessor per stream."""
 
 from __future__ import annotations
 
@@ -8,16 +9,15 @@ import itertools
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
 
-import grpc
 import pluggy
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf.message import DecodeError
 
 from .admission import Admission, Limits
 from .errors import IdleTimeout, LimitExceeded, ProtocolError, StreamAborted, StreamFailed
-from .h2server import BIDI, H2Server
+from .h2server import BIDI, Context, H2Server, StatusCode
 from .health import Health
 from .listeners import ListenAddress, Listener, parse_address
 from .logs import announce, current_stream
@@ -28,15 +28,27 @@ from .routes import Route
 from .settings import Settings, parse_listen
 from .upkeep import Upkeep
 
+if TYPE_CHECKING:  # grpc is imported only with transport = "grpcio": 18 MiB resident
+    import grpc
+
 log = logging.getLogger("extproc_host.server")
 
 PROCESS_METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 # [server] stream_window_bytes = 0 ("automatic") with the builtin transport, which does not
 # probe the link's bandwidth-delay product: the default window.
-DEFAULT_STREAM_WINDOW = 4 * 1024 * 1024
+DEFAULT_STREAM_WINDOW = 1024 * 1024
 
 
-class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # generated, untyped
+def status_codes(context: Any) -> Any:
+    """The status code enum ``context.abort`` takes: h2server's, or grpc.StatusCode for grpc.aio."""
+    if isinstance(context, Context):
+        return StatusCode
+    import grpc  # loaded already: the context is grpc.aio's
+
+    return grpc.StatusCode
+
+
+class ExternalProcessor:
     """``envoy.service.ext_proc.v3.ExternalProcessor``: one Process call per HTTP exchange."""
 
     def __init__(
@@ -62,11 +74,12 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
     async def Process(
         self,
         request_iterator: AsyncIterator[pb.ProcessingRequest],
-        context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse],
+        context: Any,  # h2server.Context, or grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ProcessingResponse]:
         admission = self.admission
+        codes = status_codes(context)
         if not admission.admits():
-            await admission.refuse(request_iterator, context)
+            await admission.refuse(request_iterator, context, codes)
         stream = StreamProcessor(self.router, str(next(self._ids)))
         current_stream.set(stream)
         error: BaseException | None = None
@@ -104,22 +117,22 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         except (ProtocolError, DecodeError) as exc:  # DecodeError: bytes that are not a ProcessingRequest
             error = exc if isinstance(exc, ProtocolError) else ProtocolError(f"undecodable ProcessingRequest: {exc}")
             log.warning("stream %s: ext_proc protocol error: %s", stream.stream_id, error)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await context.abort(codes.INVALID_ARGUMENT, str(error))
         except LimitExceeded as exc:
             error = stream.error = exc
             if not isinstance(exc, IdleTimeout):  # the upkeep logged that one
                 log.warning("%s", exc)
-            await context.abort(getattr(grpc.StatusCode, exc.status), str(exc))
+            await context.abort(getattr(codes, exc.status), str(exc))
         except StreamFailed as exc:
             error = exc
-            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
+            await context.abort(codes.INTERNAL, str(exc))
         except asyncio.CancelledError:
             if isinstance(stream.error, IdleTimeout):  # the upkeep cancelled it: say why
                 task = asyncio.current_task()
                 if task is not None:
                     task.uncancel()
                 error = stream.error
-                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(error))
+                await context.abort(codes.DEADLINE_EXCEEDED, str(error))
             # Envoy resets the stream when it is done with it, too: only a cut body is an error,
             # and only a stream cut short or cut while it waited to send leaves memory to reclaim.
             cut = stream.incomplete()
@@ -201,6 +214,8 @@ async def serve(
     listener = Listener(parse_address(listen or settings.server.listen), settings.server.tls)
     server: grpc.aio.Server | H2Server
     if settings.server.transport == "grpcio":
+        import grpc
+
         server = grpc.aio.server(options=server_options(settings, reuse_port))
     else:
         window = settings.server.stream_window_bytes or DEFAULT_STREAM_WINDOW
@@ -214,7 +229,9 @@ async def serve(
         server.add_method(PROCESS_METHOD, BIDI, servicer.Process, pb.ProcessingRequest)
         shown = await listener.bind_h2(server, reuse_port=reuse_port)
     else:
-        pb_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
+        from envoy.service.ext_proc.v3.external_processor_pb2_grpc import add_ExternalProcessorServicer_to_server
+
+        add_ExternalProcessorServicer_to_server(servicer, server)
         shown = listener.bind(server)  # a Unix socket file is removed at exit
         await server.start()
     pm.hook.host_started(settings=settings)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from e2e_clients import ROUTE_PATHS, KiB, MiB, h1_request, h2_request
@@ -126,3 +127,12 @@ async def test_grpcio_transport_upload_echoed(grpcio_stack: Stack, payload, rout
     echoed = await h1_request(grpcio_stack.url + ROUTE_PATHS[route], body=body)
     _assert_echoed(echoed, body, route)
     assert "transport grpcio" in grpcio_stack.logs["host"].read_text()
+
+
+def test_builtin_transport_leaves_grpc_unloaded(stack: Stack) -> None:
+    """The default transport serves without grpcio's core library in memory (18 MiB resident)."""
+    maps = Path(f"/proc/{stack.pids['host']}/maps")
+    if not maps.exists():
+        pytest.skip("no /proc on this system")
+    assert "transport builtin" in stack.logs["host"].read_text()
+    assert "cygrpc" not in maps.read_text()

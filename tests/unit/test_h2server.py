@@ -13,7 +13,7 @@ import grpc
 import pytest
 from google.protobuf.wrappers_pb2 import BytesValue
 
-from extproc_host.h2server import BIDI, GOAWAY, SERVER_STREAM, UNARY, Context, H2Server
+from extproc_host.h2server import BIDI, GOAWAY, SERVER_STREAM, UNARY, Context, H2Server, StatusCode
 
 ECHO = "/test.Echo/Echo"
 SIZE = "/test.Echo/Size"
@@ -31,7 +31,7 @@ class Handlers:
         try:
             async for request in requests:
                 if request.value == b"abort":
-                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no: 100% sure \u2713")
+                    await context.abort(StatusCode.PERMISSION_DENIED, "no: 100% sure \u2713")
                 if request.value == b"raise":
                     raise RuntimeError("handler bug")
                 yield BytesValue(value=request.value)
@@ -206,3 +206,31 @@ async def test_a_peer_that_does_not_read_is_not_read_either(served) -> None:
     sock.close()
     assert sent < len(flood), "the server read the whole flood although its answers were not taken"
     assert held < 2 * 1024 * 1024, f"the server holds {held} bytes of answers"
+
+
+async def test_health_watch_follows_the_host_through_start_and_shutdown() -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from extproc_host.health import EXT_PROC_SERVICE, Health
+
+    server = H2Server(max_message_bytes=1024 * 1024, window_bytes=WINDOW)
+    health = Health(server)
+    await health.starting()
+    port = await server.listen("127.0.0.1", 0)
+    Status = health_pb2.HealthCheckResponse
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service=EXT_PROC_SERVICE))
+        assert (await watch.read()).status == Status.NOT_SERVING
+        await health.serving()
+        assert (await watch.read()).status == Status.SERVING
+        assert (await stub.Check(health_pb2.HealthCheckRequest())).status == Status.SERVING
+        await health.shutting_down()
+        assert (await watch.read()).status == Status.NOT_SERVING
+        await health.serving()  # too late: shutdown is for good
+        assert (await stub.Check(health_pb2.HealthCheckRequest())).status == Status.NOT_SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await stub.Check(health_pb2.HealthCheckRequest(service="nope"))
+        assert error.value.code() is grpc.StatusCode.NOT_FOUND
+        watch.cancel()
+    await server.stop()
