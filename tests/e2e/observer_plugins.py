@@ -46,12 +46,18 @@ class GatedObserver(Plugin[GateSettings]):
         return chunk
 
     def on_request_body_end(self) -> bytes:
-        Path(self.settings.report).write_text(f"{self.size} {self.digest.hexdigest()}")
+        self._report(f"{self.size} {self.digest.hexdigest()}")
         return b""
 
     def close(self, error: BaseException | None) -> None:
         if error is not None:
-            Path(self.settings.report).write_text(f"closed with {type(error).__name__}: {error}")
+            self._report(f"closed with {type(error).__name__}: {error}")
+
+    def _report(self, text: str) -> None:
+        # Whole or not at all: the test reads the file as soon as it exists.
+        partial = Path(self.settings.report + ".partial")
+        partial.write_text(text)
+        partial.rename(self.settings.report)
 
 
 @hookimpl
