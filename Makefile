@@ -39,10 +39,10 @@ test-unit: venv
 test-e2e: venv
 	$(VENV)/bin/python -m pytest -q -ra tests/e2e
 
-## make bench: side-by-side benchmark (direct Envoy, minimal passthrough, host): uploads, wrk small requests with server CPU
+## make bench: side-by-side benchmark (direct Envoy, minimal passthrough, host, and the host on grpc.aio): uploads, wrk small requests with server CPU
 ## per request, open-loop latency at 200 and 800 req/s; needs wrk (apt-get install wrk).
 bench: venv
-	$(VENV)/bin/python benchmarks/run.py $(ARGS)
+	$(VENV)/bin/python benchmarks/run.py --plugin host-grpcio=benchmarks/grpcio.toml $(ARGS)
 
 ## make bench-plugins: uploads through the host with passthrough vs with file_tee, zstd and replace.
 bench-plugins: venv

@@ -89,7 +89,7 @@ def test_log_lines_about_a_stream_carry_its_id(fmt):
         assert outside.endswith("INFO extproc_host.server: outside")
 
 
-@pytest.mark.parametrize(("window", "expected"), [(None, 4 * 1024 * 1024), (65535, 65535), (0, None)])
+@pytest.mark.parametrize(("window", "expected"), [(None, 1024 * 1024), (65535, 65535), (0, None)])
 def test_stream_window_sets_grpc_flow_control(window, expected):
     from extproc_host.server import server_options
     from extproc_host.settings import Settings
