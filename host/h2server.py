@@ -57,8 +57,9 @@ DEFAULT_FRAME = 16384
 OWN_MAX_FRAME = 1 << 18
 CONNECTION_WINDOW = 1 << 30
 MAX_HEADER_BLOCK = 64 * 1024
-# Answers at least this large are written frame by frame, each waiting for the socket to drain.
-LARGE_MESSAGE = 64 * 1024
+# A large answer's frames go to the socket every this many bytes (the socket's backpressure, and
+# so the flow of the rest of the message, is checked in between): fewer writes than one per frame.
+WRITE_BATCH = 256 * 1024
 
 UNARY, SERVER_STREAM, BIDI = "unary", "server_stream", "bidi"
 
@@ -180,7 +181,7 @@ class Requests:
 
     __slots__ = ("_parse", "_stream")
 
-    def __init__(self, stream: Stream, parse: Callable[[bytes], Any]) -> None:
+    def __init__(self, stream: Stream, parse: Callable[[bytes | bytearray], Any]) -> None:
         self._stream = stream
         self._parse = parse
 
@@ -205,8 +206,10 @@ class Stream:
     """One HTTP/2 stream: a call's received messages and its send side."""
 
     __slots__ = (
+        "body",
         "compressed",
         "conn",
+        "filled",
         "headers_sent",
         "id",
         "inbox",
@@ -223,8 +226,10 @@ class Stream:
     def __init__(self, stream_id: int, conn: Connection) -> None:
         self.id = stream_id
         self.conn = conn
-        self.inbox: deque[bytes] = deque()
+        self.inbox: deque[bytes | bytearray] = deque()
         self.partial = bytearray()
+        self.body: bytearray | None = None  # a message that spans frames, as it fills
+        self.filled = 0
         self.waiter: asyncio.Future[None] | None = None
         self.remote_closed = False
         self.reset = False
@@ -241,36 +246,47 @@ class Stream:
             waiter.set_result(None)
 
     def received(self, payload: bytes | memoryview) -> None:
-        """DATA for this stream: split it into gRPC messages."""
-        conn = self.conn
-        partial = self.partial
-        if not partial and len(payload) >= 5:
-            flag, length = _MESSAGE_PREFIX.unpack_from(payload)
-            if len(payload) == length + 5 and length <= conn.server.max_message_bytes and not flag:
-                self.inbox.append(bytes(payload[5:]))  # the usual case: one message per frame
-                self.uncredited += len(payload)
-                self.wake()
-                self.credit()
-                return
-        partial += payload
-        self.uncredited += len(payload)
-        while len(partial) >= 5:
-            flag, length = _MESSAGE_PREFIX.unpack_from(partial)
+        """DATA for this stream: split it into gRPC messages. A message that spans frames is
+        copied once, into a buffer of its announced size, and parsed from there."""
+        size = len(payload)
+        self.uncredited += size
+        pos = 0
+        while pos < size:
+            body = self.body
+            if body is not None:  # filling a message that spans frames
+                take = min(size - pos, len(body) - self.filled)
+                body[self.filled : self.filled + take] = payload[pos : pos + take]  # same length: in place
+                self.filled += take
+                pos += take
+                if self.filled == len(body):
+                    self.inbox.append(body)
+                    self.body = None
+                continue
+            partial = self.partial  # a message prefix cut between frames (rare)
+            if partial or size - pos < 5:
+                take = min(5 - len(partial), size - pos)
+                partial += payload[pos : pos + take]
+                pos += take
+                if len(partial) < 5:
+                    break
+                flag, length = _MESSAGE_PREFIX.unpack(partial)
+                partial.clear()
+            else:
+                flag, length = _MESSAGE_PREFIX.unpack_from(payload, pos)
+                pos += 5
             if flag:
                 self.fail(StatusCode.UNIMPLEMENTED, "compressed messages are not supported")
                 return
-            if length > conn.server.max_message_bytes:
-                limit = conn.server.max_message_bytes
-                self.fail(
-                    StatusCode.RESOURCE_EXHAUSTED,
-                    f"Received message larger than max ({length} vs. {limit})",
-                )
+            if length > self.conn.server.max_message_bytes:
+                limit = self.conn.server.max_message_bytes
+                self.fail(StatusCode.RESOURCE_EXHAUSTED, f"Received message larger than max ({length} vs. {limit})")
                 return
-            if len(partial) < length + 5:
-                break
-            with memoryview(partial) as whole:
-                self.inbox.append(bytes(whole[5 : length + 5]))
-            del partial[: length + 5]
+            if size - pos >= length:  # the usual case: the whole message in this frame
+                self.inbox.append(bytes(payload[pos : pos + length]))
+                pos += length
+            else:
+                self.body = bytearray(length)
+                self.filled = 0
         if self.inbox:
             self.wake()
         self.credit()
@@ -319,7 +335,7 @@ class Stream:
         prefix = _MESSAGE_PREFIX.pack(0, len(message))
         body = memoryview(message)
         total = len(message) + 5
-        sent = 0
+        sent = flushed = 0
         while sent < total:
             if self.reset:
                 raise asyncio.CancelledError("stream reset")
@@ -341,8 +357,9 @@ class Stream:
             if end > 5:
                 conn.write(body[max(sent, 5) - 5 : end - 5])
             sent = end
-            if total >= LARGE_MESSAGE:
+            if sent - flushed >= WRITE_BATCH:
                 conn.flush()
+                flushed = sent
 
     def unblock(self) -> None:
         waiter = self.window_waiter
@@ -740,7 +757,7 @@ class H2Server:
         conn.finish(stream, code, details)
 
     @staticmethod
-    async def _only_request(stream: Stream, parse: Callable[[bytes], Any]) -> Any:
+    async def _only_request(stream: Stream, parse: Callable[[bytes | bytearray], Any]) -> Any:
         requests = Requests(stream, parse)
         try:
             return await anext(requests)

@@ -234,3 +234,75 @@ async def test_health_watch_follows_the_host_through_start_and_shutdown() -> Non
         assert error.value.code() is grpc.StatusCode.NOT_FOUND
         watch.cancel()
     await server.stop()
+
+
+@pytest.mark.parametrize("cut", [2, 3, 5, 6, 16384, 70000])
+async def test_messages_cut_anywhere_across_frames_and_reads(cut: int) -> None:
+    """Raw frames: messages whose prefix and body are cut at every kind of boundary (inside the
+    5-byte prefix, right after it, mid-body), several messages in one frame, an empty message."""
+    handlers = Handlers()
+    server = H2Server(max_message_bytes=8 * 1024 * 1024, window_bytes=1 << 20)
+    server.add_method(ECHO, BIDI, handlers.echo, BytesValue)
+    port = await server.listen("127.0.0.1", 0)
+    bodies = [b"a" * 100_000, b"", b"b" * 7, bytes(range(256)) * 300]
+    wire = b"".join(
+        len(m).to_bytes(5, "big") + m for m in (BytesValue(value=body).SerializeToString() for body in bodies)
+    )
+    frames = b""
+    for start in range(0, len(wire), cut):
+        piece = wire[start : start + cut]
+        frames += len(piece).to_bytes(3, "big") + bytes([0, 0]) + (1).to_bytes(4, "big") + piece
+    frames += bytes([0, 0, 0, 0, 1]) + (1).to_bytes(4, "big")  # empty DATA, END_STREAM
+    headers = b"\x83\x86" + bytes([0x44, len(ECHO)]) + ECHO.encode()  # POST, http, :path literal
+    request = (
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+        + bytes([0, 0, 6, 4, 0, 0, 0, 0, 0, 0, 4])  # SETTINGS: INITIAL_WINDOW_SIZE 1 GiB, then
+        + (1 << 30).to_bytes(4, "big")
+        + bytes([0, 0, 4, 8, 0, 0, 0, 0, 0])  # the connection's window raised as much
+        + (1 << 30).to_bytes(4, "big")
+        + len(headers).to_bytes(3, "big")
+        + bytes([1, 4])
+        + (1).to_bytes(4, "big")
+        + headers
+        + frames
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for start in range(0, len(request), 4099):  # reads cut frames too
+        writer.write(request[start : start + 4099])
+        await writer.drain()
+    received = b""
+    while GOAWAY not in frame_types(received) and not _ends_stream(received):
+        chunk = await asyncio.wait_for(reader.read(65536), 5)
+        assert chunk, "connection closed early"
+        received += chunk
+    writer.close()
+    await server.stop()
+    payload = b"".join(data for kind, data in _frames(received) if kind == 0)
+    messages = []
+    while payload:
+        length = int.from_bytes(payload[1:5], "big")
+        messages.append(BytesValue.FromString(payload[5 : 5 + length]).value)
+        payload = payload[5 + length :]
+    assert messages == bodies
+
+
+def _frames(data: bytes) -> list[tuple[int, bytes]]:
+    out, pos = [], 0
+    while pos + 9 <= len(data):
+        length = int.from_bytes(data[pos : pos + 3], "big")
+        out.append((data[pos + 3], data[pos + 9 : pos + 9 + length]))
+        pos += 9 + length
+    return out
+
+
+def _ends_stream(data: bytes) -> bool:
+    """The server's trailers (HEADERS with END_STREAM) came."""
+    pos = 0
+    while pos + 9 <= len(data):
+        length = int.from_bytes(data[pos : pos + 3], "big")
+        if pos + 9 + length > len(data):
+            return False
+        if data[pos + 3] == 1 and data[pos + 4] & 1:
+            return True
+        pos += 9 + length
+    return False
