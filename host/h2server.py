@@ -250,6 +250,9 @@ class Stream:
         copied once, into a buffer of its announced size, and parsed from there."""
         size = len(payload)
         self.uncredited += size
+        if self.uncredited > self.conn.server.window_bytes:  # past the window the host gave
+            self.fail(StatusCode.RESOURCE_EXHAUSTED, "the peer sent past the stream's flow-control window")
+            return
         pos = 0
         while pos < size:
             body = self.body
@@ -609,6 +612,8 @@ class Connection(asyncio.Protocol):
         if stream_id == 0:
             raise PeerError(PROTOCOL_ERROR, "DATA on stream 0")
         self.received_unacked += len(payload)
+        if self.received_unacked > CONNECTION_WINDOW:
+            raise PeerError(FLOW_CONTROL_ERROR, "the peer sent past the connection's flow-control window")
         if self.received_unacked >= CONNECTION_WINDOW // 2:
             self.write(_frame(WINDOW_UPDATE, 0, 0, _U32.pack(self.received_unacked)))
             self.received_unacked = 0

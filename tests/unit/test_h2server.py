@@ -253,19 +253,7 @@ async def test_messages_cut_anywhere_across_frames_and_reads(cut: int) -> None:
         piece = wire[start : start + cut]
         frames += len(piece).to_bytes(3, "big") + bytes([0, 0]) + (1).to_bytes(4, "big") + piece
     frames += bytes([0, 0, 0, 0, 1]) + (1).to_bytes(4, "big")  # empty DATA, END_STREAM
-    headers = b"\x83\x86" + bytes([0x44, len(ECHO)]) + ECHO.encode()  # POST, http, :path literal
-    request = (
-        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-        + bytes([0, 0, 6, 4, 0, 0, 0, 0, 0, 0, 4])  # SETTINGS: INITIAL_WINDOW_SIZE 1 GiB, then
-        + (1 << 30).to_bytes(4, "big")
-        + bytes([0, 0, 4, 8, 0, 0, 0, 0, 0])  # the connection's window raised as much
-        + (1 << 30).to_bytes(4, "big")
-        + len(headers).to_bytes(3, "big")
-        + bytes([1, 4])
-        + (1).to_bytes(4, "big")
-        + headers
-        + frames
-    )
+    request = _raw_call(ECHO, frames)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     for start in range(0, len(request), 4099):  # reads cut frames too
         writer.write(request[start : start + 4099])
@@ -306,3 +294,53 @@ def _ends_stream(data: bytes) -> bool:
             return True
         pos += 9 + length
     return False
+
+
+def _raw_call(path: str, frames: bytes) -> bytes:
+    """A client's bytes for one call on stream 1: preface, SETTINGS (1 GiB initial window), a
+    connection WINDOW_UPDATE as large, HEADERS for ``path``, then ``frames``."""
+    headers = b"\x83\x86" + bytes([0x44, len(path)]) + path.encode()  # POST, http, :path literal
+    return (
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+        + bytes([0, 0, 6, 4, 0, 0, 0, 0, 0, 0, 4])
+        + (1 << 30).to_bytes(4, "big")
+        + bytes([0, 0, 4, 8, 0, 0, 0, 0, 0])
+        + (1 << 30).to_bytes(4, "big")
+        + len(headers).to_bytes(3, "big")
+        + bytes([1, 4])
+        + (1).to_bytes(4, "big")
+        + headers
+        + frames
+    )
+
+
+async def test_a_peer_past_the_window_fails_its_stream() -> None:
+    """A client that ignores the window while the handler does not read: the stream fails with
+    RESOURCE_EXHAUSTED instead of the server queueing whatever comes."""
+    stalled = asyncio.Event()
+
+    async def stall(requests, context):
+        stalled.set()
+        await asyncio.Event().wait()  # never reads
+        yield BytesValue()
+
+    server = H2Server(max_message_bytes=1 << 20, window_bytes=WINDOW)
+    server.add_method(ECHO, BIDI, stall, BytesValue)
+    port = await server.listen("127.0.0.1", 0)
+    message = BytesValue(value=b"m" * 1000).SerializeToString()
+    frame = len(message) + 5
+    data = (
+        frame.to_bytes(3, "big") + bytes([0, 0]) + (1).to_bytes(4, "big") + len(message).to_bytes(5, "big") + message
+    ) * 100
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(_raw_call(ECHO, data))  # 100 KB against a 64 KiB window
+    received = b""
+    while not _ends_stream(received):
+        chunk = await asyncio.wait_for(reader.read(65536), 5)
+        assert chunk, "connection closed early"
+        received += chunk
+    writer.close()
+    await server.stop()
+    (trailers,) = [data for kind, data in _frames(received) if kind == 1]
+    assert b"grpc-status\x018" in trailers  # RESOURCE_EXHAUSTED, as a literal header field
+    assert b"flow-control window" in trailers
