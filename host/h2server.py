@@ -158,14 +158,25 @@ class Method:
 class Context:
     """What a handler may do to its call besides yielding answers (grpc.aio's names)."""
 
-    __slots__ = ("_stream",)
+    __slots__ = ("_code", "_details", "_stream")
 
     def __init__(self, stream: Stream) -> None:
         self._stream = stream
+        self._code: StatusCode | None = None
+        self._details: str | None = None
 
     async def abort(self, code: StatusCode, details: str = "", trailing_metadata: Any = ()) -> NoReturn:
         """End the call with ``code`` and ``details`` (raises)."""
+        self._code, self._details = code, details
         raise AbortError(code, details)
+
+    def code(self) -> StatusCode | None:
+        """The status :meth:`abort` set (None: not aborted)."""
+        return self._code
+
+    def details(self) -> str | None:
+        """The details :meth:`abort` set."""
+        return self._details
 
     async def write(self, message: Any) -> None:
         """Send one answer (server-streaming handlers)."""

@@ -72,7 +72,10 @@ class EndingRecorder(ExternalProcessor):
             escaped = exc
             raise
         finally:
-            ENDINGS.append((context.code(), context.details(), escaped))
+            code = context.code()
+            if code is not None:  # the builtin server's StatusCode has grpc.StatusCode's names
+                code = grpc.StatusCode[code.name]
+            ENDINGS.append((code, context.details(), escaped))
 
 
 ROUTE_CHAINS = {

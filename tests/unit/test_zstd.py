@@ -424,7 +424,11 @@ async def test_full_duplex_request_trailers_end_the_body(envoy):
 
 
 def _rejected(conv, status: int, words: str) -> None:
-    assert conv.code == grpc.StatusCode.OK, conv.details
+    # The host ends the stream with the local reply while this client may still be writing the
+    # body: grpc's Python client then reports its own cut write as "Internal error from Core"
+    # (with either server; Envoy does not). The reply itself must have come.
+    client_cut = (conv.code, conv.details) == (grpc.StatusCode.INTERNAL, "Internal error from Core")
+    assert conv.code == grpc.StatusCode.OK or client_cut, conv.details
     (imm,) = conv.of("immediate_response")
     assert imm.immediate_response.status.code == status
     assert words in imm.immediate_response.body.decode()
