@@ -375,6 +375,15 @@ class Stream:
                 conn.flush()
                 flushed = sent
 
+    def cut(self) -> None:
+        """The peer reset the stream (or the connection went): the handler is cancelled."""
+        self.reset = True
+        self.remote_closed = True
+        self.wake()
+        self.unblock()
+        if self.task is not None:
+            self.task.cancel()
+
     def unblock(self) -> None:
         waiter = self.window_waiter
         if waiter is not None and not waiter.done():
@@ -463,12 +472,7 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
         for stream in list(self.streams.values()):
-            stream.reset = True
-            stream.remote_closed = True
-            stream.wake()
-            stream.unblock()
-            if stream.task is not None:
-                stream.task.cancel()
+            stream.cut()
         self.streams.clear()
         self.transport = None
 
@@ -586,12 +590,7 @@ class Connection(asyncio.Protocol):
         elif kind == RST_STREAM:
             stream = self.streams.pop(stream_id, None)
             if stream is not None:
-                stream.reset = True
-                stream.remote_closed = True
-                stream.wake()
-                stream.unblock()
-                if stream.task is not None:
-                    stream.task.cancel()
+                stream.cut()
         elif kind == GOAWAY:
             self.closing = True  # the peer opens no new streams; open ones run to their end
         elif kind == PUSH_PROMISE:
