@@ -64,9 +64,13 @@ WRITE_BATCH = 256 * 1024
 UNARY, SERVER_STREAM, BIDI = "unary", "server_stream", "bidi"
 
 
+def _header(kind: int, flags: int, stream_id: int, length: int) -> bytes:
+    """A frame's 9-byte header."""
+    return _FRAME_HEADER.pack(length >> 8, length & 0xFF, kind, flags, stream_id)
+
+
 def _frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
-    n = len(payload)
-    return _FRAME_HEADER.pack(n >> 8, n & 0xFF, kind, flags, stream_id) + payload
+    return _header(kind, flags, stream_id, len(payload)) + payload
 
 
 def _hpack_int(value: int, prefix_bits: int, first: int) -> bytes:
@@ -218,7 +222,6 @@ class Stream:
 
     __slots__ = (
         "body",
-        "compressed",
         "conn",
         "filled",
         "headers_sent",
@@ -249,7 +252,6 @@ class Stream:
         self.uncredited = 0
         self.task: asyncio.Task[None] | None = None
         self.window_waiter: asyncio.Future[None] | None = None
-        self.compressed = False
 
     def wake(self) -> None:
         waiter = self.waiter
@@ -336,7 +338,7 @@ class Stream:
         if size <= conn.peer_max_frame and size <= self.send_window and size <= conn.send_window and not conn.paused:
             self.send_window -= size
             conn.send_window -= size
-            conn.write(_FRAME_HEADER.pack(size >> 8, size & 0xFF, DATA, 0, self.id))
+            conn.write(_header(DATA, 0, self.id, size))
             conn.write(_MESSAGE_PREFIX.pack(0, len(message)))
             conn.write(message)
             return
@@ -364,7 +366,7 @@ class Stream:
                 continue
             self.send_window -= n
             conn.send_window -= n
-            conn.write(_FRAME_HEADER.pack(n >> 8, n & 0xFF, DATA, 0, self.id))
+            conn.write(_header(DATA, 0, self.id, n))
             end = sent + n
             if sent < 5:
                 conn.write(prefix[sent : min(end, 5)])
@@ -663,13 +665,14 @@ class Connection(asyncio.Protocol):
         for name, value in headers:
             if name == b":path":
                 path = value.decode("latin-1")
-            elif name == b"grpc-encoding" and value != b"identity":
-                stream.compressed = True
         method = self.server.methods.get(path)
         if method is None:
             self.finish(stream, StatusCode.UNIMPLEMENTED, f"Method not found: {path}")
             return
-        stream.task = self.loop.create_task(self.server.run(stream, method))
+        calls = self.server.calls
+        stream.task = task = self.loop.create_task(self.server.run(stream, method))
+        calls.add(task)
+        task.add_done_callback(calls.discard)
 
     def finish(self, stream: Stream, code: StatusCode | None, details: str = "") -> None:
         """Send the call's trailers (Trailers-Only when no message went out) and forget it."""
@@ -705,7 +708,7 @@ class H2Server:
         self.connections: set[Connection] = set()
         self.listeners: list[asyncio.base_events.Server] = []
         self.serving = True
-        self.calls: set[asyncio.Task[None]] = set()
+        self.calls: set[asyncio.Task[None]] = set()  # every call's task until it is done
 
     def add_method(self, path: str, kind: str, handler: Callable[..., Any], request_type: Any) -> None:
         """Serve ``handler`` at ``/package.Service/Method`` ``path``."""
@@ -734,15 +737,10 @@ class H2Server:
 
     async def run(self, stream: Stream, method: Method) -> None:
         """One call: the handler's answers out, then the trailers with its status."""
-        task = asyncio.current_task()
-        assert task is not None
-        self.calls.add(task)
         conn = stream.conn
         code: StatusCode | None = None
         details = ""
         try:
-            if stream.compressed:
-                raise AbortError(StatusCode.UNIMPLEMENTED, "compressed messages are not supported")
             parse = method.request_type.FromString
             context = Context(stream)
             if method.kind == BIDI:
@@ -767,8 +765,6 @@ class H2Server:
         except Exception as exc:  # a handler's bug: the call fails, the server goes on
             log.error("unexpected error in %s", method.handler, exc_info=True)
             code, details = StatusCode.UNKNOWN, f"Unexpected {type(exc).__name__}: {exc}"
-        finally:
-            self.calls.discard(task)
         conn.finish(stream, code, details)
 
     @staticmethod

@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
+from .h2server import H2Server
+
 if TYPE_CHECKING:  # grpc is imported only with transport = "grpcio"
     import grpc
-
-    from .h2server import H2Server
 
 UNIX_PREFIX = "unix:"
 # sun_path holds 108 bytes on Linux, the terminating NUL included.
@@ -180,51 +180,42 @@ def _claim_socket_path(path: str) -> None:
 
 
 class Listener:
-    """Binds a grpc.aio server to a :class:`ListenAddress` and cleans up after it."""
+    """Starts a gRPC server (builtin or grpc.aio) on a :class:`ListenAddress` and cleans up after it."""
 
     def __init__(self, address: ListenAddress, tls: TlsSettings | None = None) -> None:
         self.address = address
         self.tls = tls
         self._socket_inode: int | None = None
 
-    def bind(self, server: grpc.aio.Server) -> str:
-        """Add the port to ``server``; returns the bound address to announce (the real port
-        for port 0). OSError when it cannot be bound."""
+    async def start(self, server: grpc.aio.Server | H2Server, *, reuse_port: bool = False) -> str:
+        """Start ``server`` listening here; returns the bound address to announce (the real
+        port for port 0). OSError when it cannot be bound. ``reuse_port`` is for the builtin
+        server (grpc.aio takes it as a server option)."""
         shown = self.address.target()
         path = self.address.path
         if path is not None:
             _claim_socket_path(path)
-        try:
-            if self.tls is not None:
-                bound = server.add_secure_port(shown, self.tls.credentials())
-            else:
-                bound = server.add_insecure_port(shown)
-        except RuntimeError as exc:
-            raise OSError(f"cannot listen on {shown}: {exc}") from None
-        if bound == 0:
-            raise OSError(f"cannot listen on {shown} (address in use or not available)")
+        if isinstance(server, H2Server):
+            context = self.tls.ssl_context() if self.tls is not None else None
+            try:
+                bound = await server.listen(
+                    self.address.host or None, self.address.port, path=path, ssl_context=context, reuse_port=reuse_port
+                )
+            except OSError as exc:
+                raise OSError(f"cannot listen on {shown}: {exc.strerror or exc}") from None
+        else:
+            try:
+                if self.tls is not None:
+                    bound = server.add_secure_port(shown, self.tls.credentials())
+                else:
+                    bound = server.add_insecure_port(shown)
+            except RuntimeError as exc:
+                raise OSError(f"cannot listen on {shown}: {exc}") from None
+            if bound == 0:
+                raise OSError(f"cannot listen on {shown} (address in use or not available)")
+            await server.start()
         if path is not None:
-            # gRPC removes the file when the server stops; this covers the other ways out.
-            self._socket_inode = os.lstat(path).st_ino
-            atexit.register(self.close)
-            return shown
-        return self.address.with_port(bound).target()
-
-    async def bind_h2(self, server: H2Server, *, reuse_port: bool = False) -> str:
-        """Listen with the builtin HTTP/2 server; returns the bound address to announce.
-        OSError when it cannot be bound."""
-        shown = self.address.target()
-        path = self.address.path
-        context = self.tls.ssl_context() if self.tls is not None else None
-        if path is not None:
-            _claim_socket_path(path)
-        try:
-            bound = await server.listen(
-                self.address.host or None, self.address.port, path=path, ssl_context=context, reuse_port=reuse_port
-            )
-        except OSError as exc:
-            raise OSError(f"cannot listen on {shown}: {exc.strerror or exc}") from None
-        if path is not None:
+            # Removed when the server stops (grpc.aio) and at exit, whichever way it comes.
             self._socket_inode = os.lstat(path).st_ino
             atexit.register(self.close)
             return shown

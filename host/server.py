@@ -200,6 +200,24 @@ def server_options(settings: Settings, reuse_port: bool = False) -> list[tuple[s
     ]
 
 
+def make_server(
+    settings: Settings, servicer: ExternalProcessor, reuse_port: bool = False
+) -> grpc.aio.Server | H2Server:
+    """The gRPC server ``[server] transport`` names, serving ``servicer``'s Process (not yet
+    listening: :meth:`Listener.start`)."""
+    if settings.server.transport == "grpcio":
+        import grpc
+        from envoy.service.ext_proc.v3.external_processor_pb2_grpc import add_ExternalProcessorServicer_to_server
+
+        server = grpc.aio.server(options=server_options(settings, reuse_port))
+        add_ExternalProcessorServicer_to_server(servicer, server)
+        return server
+    window = settings.server.stream_window_bytes or DEFAULT_STREAM_WINDOW
+    builtin = H2Server(max_message_bytes=settings.server.max_message_bytes, window_bytes=window)
+    builtin.add_method(PROCESS_METHOD, BIDI, servicer.Process, pb.ProcessingRequest)
+    return builtin
+
+
 async def serve(
     settings: Settings,
     routes: dict[str, Route],
@@ -212,28 +230,13 @@ async def serve(
     """Run until SIGTERM/SIGINT; prints ``extproc-host listening on ADDRESS`` once bound, or,
     as a worker, calls ``on_ready(ADDRESS)`` instead (its supervisor prints the line)."""
     listener = Listener(parse_address(listen or settings.server.listen), settings.server.tls)
-    server: grpc.aio.Server | H2Server
-    if settings.server.transport == "grpcio":
-        import grpc
-
-        server = grpc.aio.server(options=server_options(settings, reuse_port))
-    else:
-        window = settings.server.stream_window_bytes or DEFAULT_STREAM_WINDOW
-        server = H2Server(max_message_bytes=settings.server.max_message_bytes, window_bytes=window)
     metrics = start_metrics(settings)
     router = Router(routes, metrics, settings.server.max_message_bytes)
     servicer = ExternalProcessor(router, pm, limits=Limits.from_settings(settings.server))
+    server = make_server(settings, servicer, reuse_port)
     health = Health(server)
     await health.starting()
-    if isinstance(server, H2Server):
-        server.add_method(PROCESS_METHOD, BIDI, servicer.Process, pb.ProcessingRequest)
-        shown = await listener.bind_h2(server, reuse_port=reuse_port)
-    else:
-        from envoy.service.ext_proc.v3.external_processor_pb2_grpc import add_ExternalProcessorServicer_to_server
-
-        add_ExternalProcessorServicer_to_server(servicer, server)
-        shown = listener.bind(server)  # a Unix socket file is removed at exit
-        await server.start()
+    shown = await listener.start(server, reuse_port=reuse_port)  # a Unix socket file is removed at exit
     pm.hook.host_started(settings=settings)
     await health.serving()
     if metrics is not None:

@@ -17,11 +17,11 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 
 from extproc_host.admission import Limits
-from extproc_host.h2server import BIDI, H2Server
+from extproc_host.listeners import Listener, parse_address
 from extproc_host.metrics import Metrics
 from extproc_host.processor import Router
 from extproc_host.registry import build_routes, discover, make_plugin_manager
-from extproc_host.server import DEFAULT_STREAM_WINDOW, PROCESS_METHOD, ExternalProcessor, server_options
+from extproc_host.server import ExternalProcessor, make_server
 from extproc_host.settings import load_settings
 
 Mode = processing_mode_pb2.ProcessingMode.BodySendMode
@@ -156,17 +156,9 @@ async def fake_envoy(
     routes = build_routes(settings, discover(pm), config_path)
     limits = Limits.from_settings(settings.server)
     servicer = servicer_class(Router(routes, metrics, settings.server.max_message_bytes), pm, limits=limits)
-    server: grpc.aio.Server | H2Server
-    if settings.server.transport == "builtin":  # the shipped server (EXTPROC_SERVER__TRANSPORT=grpcio: grpc.aio)
-        window = settings.server.stream_window_bytes or DEFAULT_STREAM_WINDOW
-        server = H2Server(max_message_bytes=settings.server.max_message_bytes, window_bytes=window)
-        server.add_method(PROCESS_METHOD, BIDI, servicer.Process, pb.ProcessingRequest)
-        port = await server.listen("127.0.0.1", 0)
-    else:
-        server = grpc.aio.server(options=server_options(settings))
-        pb_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
+    # The shipped transport (EXTPROC_SERVER__TRANSPORT=grpcio: grpc.aio).
+    server = make_server(settings, servicer)
+    port = int((await Listener(parse_address("127.0.0.1:0")).start(server)).rpartition(":")[2])
     channel = grpc.aio.insecure_channel(
         f"127.0.0.1:{port}",
         options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)],
