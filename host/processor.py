@@ -59,6 +59,8 @@ Responses = Answers | AsyncIterator[pb.ProcessingResponse]
 #: Room left in a message for what surrounds the body (the message's framing, the
 #: content-length header BUFFERED answers set).
 ANSWER_OVERHEAD = 64 * 1024
+#: No size limit on an answer (a byte count no body reaches).
+UNLIMITED = 2**62
 
 
 async def _join(pieces: AsyncIterator[bytes], limit: int) -> bytes | None:
@@ -98,7 +100,7 @@ class Router:
     def __init__(self, routes: dict[str, Route], metrics: Metrics | None = None, max_message_bytes: int = 0) -> None:
         self.metrics = metrics
         self.max_message_bytes = max_message_bytes
-        self.max_answer_bytes = max_message_bytes - ANSWER_OVERHEAD if max_message_bytes else 2**62
+        self.max_answer_bytes = max_message_bytes - ANSWER_OVERHEAD if max_message_bytes else UNLIMITED
         self.hook_timers: dict[tuple[str, str], HookTimer] | None = (
             metrics.bind(routes.values()) if metrics is not None else None
         )
@@ -346,7 +348,7 @@ class StreamProcessor:
                 if isinstance(flushed, bytes):
                     tail = flushed
                 else:
-                    fits = self.router.max_answer_bytes if d.mode != FULL_DUPLEX else 2**62  # FD splits it
+                    fits = self.router.max_answer_bytes if d.mode != FULL_DUPLEX else UNLIMITED  # FD splits it
                     joined = await _join(flushed, fits)
                     if joined is None:
                         return self._too_large(d)
