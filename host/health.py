@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from grpc_health.v1 import health_pb2
 
-from .h2server import SERVER_STREAM, UNARY, H2Server, StatusCode
+from .wire import SERVER_STREAM, UNARY, H2Server, StatusCode
 
 if TYPE_CHECKING:
     import grpc

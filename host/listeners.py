@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from .h2server import H2Server
+from .wire import H2Server
 
 if TYPE_CHECKING:  # grpc is imported only with transport = "grpcio"
     import grpc

@@ -1,4 +1,4 @@
-"""The gRPC side: the server (the builtin h2server, or grpc.aio) whose ExternalProcessor/Process
+"""The gRPC side: the server (the builtin one in wire/, or grpc.aio) whose ExternalProcessor/Process
 runs one StreamProcessor per stream."""
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from google.protobuf.message import DecodeError
 
 from .admission import Admission, Limits
 from .errors import IdleTimeout, LimitExceeded, ProtocolError, StreamAborted, StreamFailed
-from .h2server import BIDI, Context, H2Server, StatusCode
 from .health import Health
 from .listeners import ListenAddress, Listener, parse_address
 from .logs import announce, current_stream
@@ -27,6 +26,7 @@ from .processor import Router, StreamProcessor
 from .routes import Route
 from .settings import Settings, parse_listen
 from .upkeep import Upkeep
+from .wire import BIDI, Context, H2Server, StatusCode
 
 if TYPE_CHECKING:  # grpc is imported only with transport = "grpcio": 18 MiB resident
     import grpc
@@ -40,7 +40,7 @@ DEFAULT_STREAM_WINDOW = 1024 * 1024
 
 
 def status_codes(context: Any) -> Any:
-    """The status code enum ``context.abort`` takes: h2server's, or grpc.StatusCode for grpc.aio."""
+    """The status code enum ``context.abort`` takes: the builtin server's, or grpc.StatusCode for grpc.aio."""
     if isinstance(context, Context):
         return StatusCode
     import grpc  # loaded already: the context is grpc.aio's
@@ -74,7 +74,7 @@ class ExternalProcessor:
     async def Process(
         self,
         request_iterator: AsyncIterator[pb.ProcessingRequest],
-        context: Any,  # h2server.Context, or grpc.aio.ServicerContext
+        context: Any,  # wire.Context, or grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ProcessingResponse]:
         admission = self.admission
         codes = status_codes(context)

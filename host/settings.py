@@ -64,7 +64,7 @@ class ServerSettings(BaseModel):
     # automatic window (BDP probing), which grows it to many MiB on a fast link (higher and
     # unsteady host memory, no throughput gain); with the builtin server, 1 MiB.
     stream_window_bytes: int = Field(default=1024 * 1024, ge=0, le=1024 * 1024 * 1024)
-    # The gRPC server: "builtin", the host's own HTTP/2 server on the event loop (h2server.py:
+    # The gRPC server: "builtin", the host's own HTTP/2 server on the event loop (wire/:
     # half grpcio's CPU per small exchange, benchmarks/); "grpcio", grpc.aio (for 0 above, the
     # automatic window, which the builtin server does not probe for: it uses 4 MiB).
     transport: Literal["builtin", "grpcio"] = "builtin"

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2] / "host"
 #: The serving core, bottom to top: a module may import only modules of a lower layer (or of
 #: its own layer when listed in ALLOWED_SAME_LAYER).
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "h2server"),
+    ("errors", "wire"),
     ("listeners", "drain", "data"),
     ("plugin",),
     ("hookspecs", "routes", "settings"),
@@ -31,6 +31,19 @@ LAYERS: list[tuple[str, ...]] = [
     ("cli",),
     ("__main__",),
 ]
+#: The builtin gRPC server (the ``wire`` subpackage), bottom to top: frames, then header
+#: fields, limits, connection state, I/O, then gRPC. It imports nothing of the host outside it.
+WIRE_LAYERS: list[tuple[str, ...]] = [
+    ("wire.http2", "wire.http2.frames", "wire.grpc"),
+    ("wire.http2.fields", "wire.http2.limits", "wire.budget"),
+    ("wire.http2.connection",),
+    ("wire.transport", "wire.grpc.status"),
+    ("wire.grpc.messages",),
+    ("wire.grpc.call",),
+    ("wire.grpc.server",),
+    ("wire",),
+]
+WIRE_LAYER_OF = {module: index for index, layer in enumerate(WIRE_LAYERS) for module in layer}
 #: Tool subpackages: built on the core, never imported by it (only cli may start them).
 TOOLS = ("envoyconfig", "stack", "testing")
 LAYER_OF = {module: index for index, layer in enumerate(LAYERS) for module in layer}
@@ -88,7 +101,22 @@ def short(name: str) -> str:
 def test_every_core_module_has_a_layer() -> None:
     core = {short(n) for n in MODULES} - {"(package)"}
     core = {n for n in core if n.split(".")[0] not in TOOLS}
-    assert core == set(LAYER_OF), "add new core modules to LAYERS (or move tools into a subpackage)"
+    wire = {n for n in core if n.split(".")[0] == "wire"}
+    assert core - wire | {"wire"} == set(LAYER_OF), "add new core modules to LAYERS (or move tools into a subpackage)"
+    assert wire == set(WIRE_LAYER_OF), "add new modules of wire/ to WIRE_LAYERS"
+
+
+@pytest.mark.parametrize("module", sorted(n for n in MODULES if short(n) in WIRE_LAYER_OF))
+def test_wire_layers_import_only_downward_and_nothing_of_the_host(module: str) -> None:
+    mine = WIRE_LAYER_OF[short(module)]
+    bad = []
+    for target in sorted(GRAPH[module]):
+        name = short(target)
+        if name.split(".")[0] != "wire":
+            bad.append(f"{name} (outside wire/)")
+        elif WIRE_LAYER_OF.get(name, -1) >= mine and name != short(module):
+            bad.append(f"{name} (layer {WIRE_LAYER_OF.get(name)} >= {mine})")
+    assert not bad, f"{short(module)} imports {', '.join(bad)}"
 
 
 @pytest.mark.parametrize("module", sorted(n for n in MODULES if short(n) in LAYER_OF))
@@ -100,7 +128,7 @@ def test_core_imports_only_downward(module: str) -> None:
         if top in TOOLS:
             if short(module) != "cli":
                 bad.append(f"{short(target)} (a tool subpackage)")
-        elif top != "(package)" and LAYER_OF.get(top, -1) >= mine:
+        elif top != "(package)" and top != short(module) and LAYER_OF.get(top, -1) >= mine:
             bad.append(f"{short(target)} (layer {LAYER_OF.get(top)} >= {mine})")
     assert not bad, f"{short(module)} imports {', '.join(bad)}"
 

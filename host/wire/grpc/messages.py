@@ -1,0 +1,152 @@
+"""gRPC's Length-Prefixed-Messages (a compressed flag, a 4-byte length, the message), read from a
+stream's DATA as it arrives.
+
+A message inside one DATA frame is copied out once. A message that spans frames is copied into
+one buffer as its pieces come: the buffer starts at most ``preallocate`` bytes long (the stream's
+window and a frame: what the peer can send before the host gives window back) and grows only
+with bytes that arrived, so a prefix that announces a large message costs nothing until its
+bytes come. Every byte held, from arrival until the handler takes its message, is charged to
+the :class:`~extproc_host.wire.budget.Budget`.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+
+from ..budget import Budget
+from .status import StatusCode
+
+PREFIX = struct.Struct(">BL")
+
+
+class MessageError(Exception):
+    """The request's messages break gRPC's framing or the server's limits: the call fails with
+    ``code``."""
+
+    def __init__(self, code: StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class Messages:
+    """The request messages of one call: those complete in ``inbox``, one filling."""
+
+    __slots__ = (
+        "body",
+        "budget",
+        "compressed_ok",
+        "filled",
+        "held",
+        "inbox",
+        "max_size",
+        "need",
+        "partial",
+        "preallocate",
+    )
+
+    def __init__(self, budget: Budget, max_size: int, preallocate: int, encoding: bytes | None) -> None:
+        self.inbox: deque[bytes | bytearray] = deque()
+        self.budget = budget
+        self.max_size = max_size
+        self.preallocate = preallocate
+        self.partial = bytearray()  # a prefix cut between frames (rare)
+        self.body: bytearray | None = None  # a message that spans frames, as it fills
+        self.filled = 0  # bytes of it received
+        self.need = 0  # its announced length
+        self.held = 0  # bytes charged to the budget
+        self.compressed_ok = encoding not in (None, b"identity")
+
+    @property
+    def cut(self) -> bool:
+        """A message (or its prefix) is only partly received."""
+        return self.body is not None or bool(self.partial)
+
+    def feed(self, payload: memoryview) -> int:
+        """A DATA frame's content: the number of messages it completed. MessageError when the
+        bytes are not gRPC messages the server takes."""
+        size = len(payload)
+        pos = 0
+        done = 0
+        while pos < size:
+            body = self.body
+            if body is not None:  # filling a message that spans frames
+                pos = self._fill(body, payload, pos)
+                if self.body is None:
+                    done += 1
+                continue
+            partial = self.partial
+            if partial or size - pos < 5:
+                take = min(5 - len(partial), size - pos)
+                partial += payload[pos : pos + take]
+                pos += take
+                if len(partial) < 5:
+                    break
+                flag, length = PREFIX.unpack(partial)
+                partial.clear()
+            else:
+                flag, length = PREFIX.unpack_from(payload, pos)
+                pos += 5
+            if flag:
+                self._refuse_compressed(flag)
+            if length > self.max_size:
+                raise MessageError(
+                    StatusCode.RESOURCE_EXHAUSTED, f"Received message larger than max ({length} vs. {self.max_size})"
+                )
+            if size - pos >= length:  # the usual case: the whole message in this frame
+                self.inbox.append(bytes(payload[pos : pos + length]))
+                self.held += length
+                self.budget.take(length)
+                pos += length
+                done += 1
+            else:
+                start = min(length, self.preallocate)
+                self.body = bytearray(start)
+                self.need = length
+                self.filled = 0
+                self.held += start
+                self.budget.take(start)
+        return done
+
+    def _fill(self, body: bytearray, payload: memoryview, pos: int) -> int:
+        take = min(len(payload) - pos, self.need - self.filled)
+        filled = self.filled
+        room = len(body) - filled
+        if take <= room:
+            body[filled : filled + take] = payload[pos : pos + take]  # same length: in place
+        else:  # past the preallocated part: the buffer grows by what arrived
+            if room:
+                body[filled:] = payload[pos : pos + room]
+            body += payload[pos + room : pos + take]
+            grown = take - room
+            self.held += grown
+            self.budget.take(grown)
+        self.filled = filled + take
+        if self.filled == self.need:
+            self.inbox.append(body)
+            self.body = None
+        return pos + take
+
+    def take(self) -> bytes | bytearray:
+        """The oldest complete message, no longer charged."""
+        message = self.inbox.popleft()
+        size = len(message)
+        self.held -= size
+        self.budget.give(size)
+        return message
+
+    def release(self) -> None:
+        """The call ended: nothing it holds is charged any more."""
+        self.inbox.clear()
+        self.body = None
+        if self.held:
+            self.budget.give(self.held)
+            self.held = 0
+
+    def _refuse_compressed(self, flag: int) -> None:
+        if flag != 1:
+            raise MessageError(StatusCode.INTERNAL, f"invalid compressed flag {flag} on a message")
+        if self.compressed_ok:
+            raise MessageError(StatusCode.UNIMPLEMENTED, "compressed messages are not supported")
+        raise MessageError(StatusCode.INTERNAL, "compressed flag set with identity or empty grpc-encoding")
