@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 
 from .http2.connection import Application, Connection
+from .http2.frames import INTERNAL_ERROR
 from .http2.limits import Limits
+
+log = logging.getLogger("extproc_host.wire")
 
 #: How often the deadlines of every connection are looked at (seconds).
 SWEEP_INTERVAL = 1.0
@@ -61,8 +65,13 @@ class Transport(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
-        if conn is not None:
+        if conn is None:
+            return
+        try:
             conn.receive(data)
+        except Exception:  # a bug here or above: this connection ends, the server goes on
+            log.exception("HTTP/2 connection from %s closed: unexpected error", conn.peer)
+            conn.close(INTERNAL_ERROR, "internal error")
 
     def _schedule_flush(self) -> None:
         if not self.scheduled:
@@ -135,10 +144,13 @@ class Transport(asyncio.Protocol):
 
 
 class Sweeper:
-    """Looks at every connection's deadlines once per ``SWEEP_INTERVAL``."""
+    """Looks at every connection's deadlines once per ``SWEEP_INTERVAL``, or a quarter of the
+    shortest deadline when that is shorter."""
 
-    def __init__(self, transports: set[Transport]) -> None:
+    def __init__(self, transports: set[Transport], limits: Limits) -> None:
         self.transports = transports
+        deadlines = [limits.preface_timeout, limits.frame_timeout, limits.idle_timeout, limits.stall_timeout]
+        self.interval = min([SWEEP_INTERVAL, *(d / 4 for d in deadlines if d > 0)])
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -154,7 +166,7 @@ class Sweeper:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(SWEEP_INTERVAL)
+            await asyncio.sleep(self.interval)
             now = time.monotonic()
             for transport in list(self.transports):
                 transport.check(now)

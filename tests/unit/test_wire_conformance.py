@@ -692,11 +692,16 @@ async def test_rfc9113_10_5_1_a_header_block_over_the_list_size_is_refused_befor
 # -- gRPC over HTTP/2 ------------------------------------------------------------------------------
 
 
-async def test_grpc_a_request_that_is_not_grpc_gets_415_with_a_body(peer: Peer) -> None:
+@pytest.mark.parametrize("end_stream", [True, False], ids=["whole-request", "request-still-open"])
+async def test_grpc_a_request_that_is_not_grpc_gets_415_with_a_body(peer: Peer, end_stream: bool) -> None:
     fields = [(n, "text/plain" if n == "content-type" else v) for n, v in grpc_request(ECHO)]
-    peer.send(peer.headers(1, fields, end_stream=True))
+    peer.send(peer.headers(1, fields, end_stream=end_stream))
     headers, body, _ = await peer.response(1)
-    assert field_value(headers, b":status") == b"415" and b"gRPC" in body
+    assert field_value(headers, b":status") == b"415" and body.startswith(b"This is a gRPC server")
+    if not end_stream:  # the answer is whole before the request: the peer is told to stop
+        reset = await peer.until(lambda f: type(f).__name__ == "RstStreamFrame")
+        assert reset.stream_id == 1 and reset.error_code == 0
+    await peer.alive()
 
 
 async def test_grpc_a_get_gets_405(peer: Peer) -> None:

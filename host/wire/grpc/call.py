@@ -75,6 +75,7 @@ class Call:
         "stream",
         "task",
         "timer",
+        "undecodable",
         "waiter",
         "window_waiter",
     )
@@ -102,6 +103,7 @@ class Call:
         self.remote_closed = stream.remote_closed
         self.ended = False  # the call's status went out, or the stream was reset
         self.headers_sent = False
+        self.undecodable = False  # a request message could not be parsed
         self.done_callback: Callable[[asyncio.Task[None]], None] | None = None
 
     def finished(self, task: asyncio.Task[None]) -> None:
@@ -217,6 +219,8 @@ class Call:
                 conn.write(prefix[sent : min(end, head)])
             if end > head:
                 conn.write(body[max(sent, head) - head : end - head])
+            if end_stream and end == total:
+                conn.end_local(stream)
             sent = end
             if sent - flushed >= WRITE_BATCH:
                 conn.flush_now()
@@ -317,7 +321,11 @@ class Requests:
         message = messages.take()
         if not inbox:
             call.credit()
-        return self._parse(message)
+        try:
+            return self._parse(message)
+        except Exception:
+            call.undecodable = True  # the request's fault, not the handler's
+            raise
 
 
 class Context:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..budget import Budget
-from ..http2.connection import OWN_MAX_FRAME, Connection, Stream
+from ..http2.connection import OWN_MAX_FRAME, Connection, Stream, logged
 from ..http2.fields import Request
 from ..http2.limits import Limits
 from ..transport import Sweeper, Transport
@@ -133,7 +133,7 @@ class H2Server:
         self.serving = True
         self.calls: set[asyncio.Task[None]] = set()  # every call's task until it is done
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by listen()
-        self.sweeper = Sweeper(self.connections)
+        self.sweeper = Sweeper(self.connections, self.limits)
 
     def add_method(self, path: str, kind: str, handler: Callable[..., Any], request_type: Any) -> None:
         """Serve ``handler`` at ``/package.Service/Method`` ``path``."""
@@ -198,9 +198,15 @@ class H2Server:
         except asyncio.CancelledError:
             call.cancel()
             raise
-        except Exception as exc:  # a handler's bug: the call fails, the server goes on
-            log.error("unexpected error in %s", method.handler, exc_info=True)
-            code, details = StatusCode.UNKNOWN, f"Unexpected {type(exc).__name__}: {exc}"
+        except Exception as exc:
+            if call.undecodable:  # the handler let a request's parse error through
+                code, details = StatusCode.INTERNAL, f"could not parse a request message: {exc}"
+                logged.warning(
+                    "undecodable", "gRPC call on stream %d from %s: %s", call.stream.id, call.conn.peer, details
+                )
+            else:  # a handler's bug: the call fails, the server goes on
+                log.error("unexpected error in %s", method.handler, exc_info=True)
+                code, details = StatusCode.UNKNOWN, f"Unexpected {type(exc).__name__}: {exc}"
         call.finish(code, details)
 
     @staticmethod

@@ -254,11 +254,15 @@ class Connection:
 
     def data_frame(self, stream: Stream, size: int, end_stream: bool = False) -> None:
         """The header of a DATA frame of ``size`` bytes, taken from both send windows; the
-        caller writes the ``size`` bytes of content right after (``window()`` said they fit)."""
+        caller writes the ``size`` bytes of content right after (``window()`` said they fit),
+        then, with ``end_stream``, calls :meth:`end_local`."""
         stream.send_window -= size
         self.send_window -= size
         self.write(frame_header(DATA, END_STREAM if end_stream else 0, stream.id, size))
-        if end_stream:
+
+    def end_local(self, stream: Stream) -> None:
+        """The server's side of ``stream`` ended with the frame just written (END_STREAM)."""
+        if not stream.closed:
             self._local_end(stream)
 
     def window(self, stream: Stream) -> int:
