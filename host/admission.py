@@ -10,6 +10,9 @@ Held bytes: while a stream answers a body message, the chunk it received and the
 back are in the host's memory (and stay there while Envoy does not read the answer). Each
 stream's share is charged before its answer is sent and released once gRPC took it; an answer
 that would take the total past ``max_held_bytes`` fails its stream with RESOURCE_EXHAUSTED.
+The count is one :class:`~extproc_host.wire.Budget` shared with the builtin gRPC server, which
+charges the request messages it holds until the servicer takes them (and past the limit stops
+giving Envoy window until they are taken).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from .metrics import Metrics
 from .plugin import Reject
 from .processor import Router, StreamProcessor
 from .settings import ServerSettings
+from .wire import Budget
 
 log = logging.getLogger("extproc_host.server")
 
@@ -80,8 +84,13 @@ class Admission:
         self.max_message_bytes = limits.max_message_bytes
         self.accepting = True  # False once shutdown starts: new streams are refused
         self.active = 0  # streams whose plugins are not closed yet
-        self.held = 0  # body bytes charged by the streams' answers now
+        self.budget = Budget(limits.max_held_bytes)  # bytes the open streams hold
         self.abnormal = 0  # streams that did not run to their end (the upkeep reclaims their memory)
+
+    @property
+    def held(self) -> int:
+        """Bytes the open streams hold now (answers, and the builtin server's request messages)."""
+        return self.budget.held
 
     def admits(self) -> bool:
         """Whether a new stream may start now."""
@@ -102,12 +111,12 @@ class Admission:
                 f"while open streams hold {self.held}, over the limit ([server] max_held_bytes) of "
                 f"{self.max_held_bytes}",
             )
-        self.held += held
+        self.budget.take(held)
         stream.charged = held
 
     def release(self, stream: StreamProcessor) -> None:
         """Return what :meth:`charge` counted for ``stream``."""
-        self.held -= stream.charged
+        self.budget.give(stream.charged)
         stream.charged = 0
 
     async def refuse(

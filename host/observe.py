@@ -42,7 +42,7 @@ async def observe(
         while (item := await queue.get()) is not None:
             request, size = item
             backlog -= size
-            admission.held -= size
+            admission.budget.give(size)
             await stream.handle(request)  # the answers are not sent: Envoy does not read them
 
     chain = asyncio.ensure_future(run_chain())
@@ -61,7 +61,7 @@ async def observe(
                     "this exchange, which went on for the client untouched",
                 )
             backlog += size
-            admission.held += size
+            admission.budget.take(size)
             queue.put_nowait((request, size))
             request = await anext(requests, None)
         queue.put_nowait(None)
@@ -69,4 +69,4 @@ async def observe(
     finally:
         if not chain.done():
             chain.cancel()
-        admission.held -= backlog
+        admission.budget.give(backlog)

@@ -27,6 +27,7 @@ from .routes import Route
 from .settings import Settings, parse_listen
 from .upkeep import Upkeep
 from .wire import BIDI, Context, H2Server, StatusCode
+from .wire import Limits as Http2Limits
 
 if TYPE_CHECKING:  # grpc is imported only with transport = "grpcio": 18 MiB resident
     import grpc
@@ -213,9 +214,33 @@ def make_server(
         add_ExternalProcessorServicer_to_server(servicer, server)
         return server
     window = settings.server.stream_window_bytes or DEFAULT_STREAM_WINDOW
-    builtin = H2Server(max_message_bytes=settings.server.max_message_bytes, window_bytes=window)
+    builtin = H2Server(
+        max_message_bytes=settings.server.max_message_bytes,
+        window_bytes=window,
+        limits=http2_limits(settings),
+        budget=servicer.admission.budget,
+    )
     builtin.add_method(PROCESS_METHOD, BIDI, servicer.Process, pb.ProcessingRequest)
     return builtin
+
+
+def http2_limits(settings: Settings) -> Http2Limits:
+    """The builtin server's per-connection limits from ``[server.http2]``."""
+    http2 = settings.server.http2
+    return Http2Limits(
+        max_concurrent_streams=http2.max_concurrent_streams,
+        max_header_list_size=http2.max_header_list_size,
+        preface_timeout=http2.preface_timeout_seconds,
+        frame_timeout=http2.frame_timeout_seconds,
+        idle_timeout=http2.idle_timeout_seconds,
+        stall_timeout=http2.stall_timeout_seconds,
+        control_burst=http2.flood_burst,
+        control_rate=http2.flood_rate,
+        reset_burst=http2.flood_burst,
+        reset_rate=http2.flood_rate,
+        empty_burst=http2.flood_burst,
+        empty_rate=http2.flood_rate,
+    )
 
 
 async def serve(
@@ -321,6 +346,8 @@ async def graceful_stop(
         except TimeoutError:
             pass
     servicer.admission.accepting = False
+    if isinstance(server, H2Server):  # GOAWAY, twice: Envoy sends new streams elsewhere
+        server.shutdown()
     log.info("shutting down: new streams refused, waiting up to %.1fs for %d open streams", grace, servicer.active)
     deadline = loop.time() + grace
     while servicer.active and loop.time() < deadline and not hurry.is_set():

@@ -44,6 +44,36 @@ def parse_listen(value: str) -> tuple[str, int]:
     return found
 
 
+class Http2Settings(BaseModel):
+    """``[server.http2]``: the builtin gRPC server's HTTP/2 limits, per connection (wire/)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # SETTINGS_MAX_CONCURRENT_STREAMS: streams one connection may have open (more are refused
+    # with REFUSED_STREAM, which Envoy retries on another connection), and the most handlers
+    # that run at once for it. [server] max_concurrent_streams bounds all connections together.
+    max_concurrent_streams: int = Field(default=1000, ge=1, le=2**31 - 1)
+    # SETTINGS_MAX_HEADER_LIST_SIZE: a larger header block ends its connection before it is
+    # decoded. Envoy's gRPC requests carry a few hundred bytes (more with initial_metadata).
+    max_header_list_size: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)
+    # Seconds a new connection has to send the HTTP/2 preface and SETTINGS.
+    preface_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Seconds a frame, or a header block spread over CONTINUATION frames, may take to arrive.
+    frame_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Seconds a connection may stay without streams before it is closed gracefully (two
+    # GOAWAYs: no stream in flight is lost; Envoy opens a new one when it needs it). 0: never.
+    idle_timeout_seconds: float = Field(default=300.0, ge=0)
+    # Seconds answers may wait on a peer that neither opens its flow-control window nor reads
+    # the socket before the connection ends. 0: never.
+    stall_timeout_seconds: float = Field(default=60.0, ge=0)
+    # Floods, per connection and per kind (PING and SETTINGS frames; resets of streams never
+    # answered, refused or failed streams; empty or tiny frames that complete nothing): past
+    # flood_burst of one kind faster than flood_rate per second, the connection ends with
+    # GOAWAY ENHANCE_YOUR_CALM. Envoy sends a handful of these a second at most.
+    flood_burst: int = Field(default=1000, ge=10)
+    flood_rate: float = Field(default=100.0, gt=0)
+
+
 class ServerSettings(BaseModel):
     """``[server]``: where and how the gRPC server listens."""
 
@@ -96,6 +126,8 @@ class ServerSettings(BaseModel):
     workers: int = Field(default=1, ge=1, le=256)
     # TLS, or mutual TLS with client_ca_file (listeners.py).
     tls: TlsSettings | None = None
+    # The builtin server's HTTP/2 limits.
+    http2: Http2Settings = Field(default_factory=Http2Settings)
 
     @field_validator("listen")
     @classmethod
