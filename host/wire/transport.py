@@ -24,8 +24,10 @@ log = logging.getLogger("extproc_host.wire")
 
 #: How often the deadlines of every connection are looked at (seconds).
 SWEEP_INTERVAL = 1.0
-#: How long a closing connection goes on reading (and dropping) what the peer sends.
+#: How long, and how many bytes, a closing connection goes on reading (and dropping) what the
+#: peer sends.
 LINGER = 1.0
+LINGER_BYTES = 256 * 1024
 
 
 class Transport(asyncio.Protocol):
@@ -46,6 +48,7 @@ class Transport(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.scheduled = False
         self.closing = False
+        self.lingered = 0  # bytes read and dropped since closing
         self.loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -66,6 +69,11 @@ class Transport(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         conn = self.conn
         if conn is None:
+            return
+        if self.closing:  # dropped; a peer that goes on sending is not waited for
+            self.lingered += len(data)
+            if self.lingered > LINGER_BYTES and self.transport is not None:
+                self.transport.close()
             return
         try:
             conn.receive(data)
@@ -92,7 +100,7 @@ class Transport(asyncio.Protocol):
     def _close(self) -> None:
         """Close once what is queued is written (the GOAWAY last). Where the socket allows, only
         its sending side closes at first, and what the peer still sends is read and dropped for
-        ``LINGER`` seconds: closing with unread bytes would make the kernel reset the connection,
+        ``LINGER`` seconds (or ``LINGER_BYTES``): closing with unread bytes would make the kernel reset the connection,
         and a peer that sees a reset may never read the GOAWAY."""
         self.flush()
         transport = self.transport

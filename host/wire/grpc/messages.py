@@ -2,11 +2,10 @@
 stream's DATA as it arrives.
 
 A message inside one DATA frame is copied out once. A message that spans frames is copied into
-one buffer as its pieces come: the buffer starts at most ``preallocate`` bytes long (the stream's
-window and a frame: what the peer can send before the host gives window back) and grows only
-with bytes that arrived, so a prefix that announces a large message costs nothing until its
-bytes come. Every byte held, from arrival until the handler takes its message, is charged to
-the :class:`~extproc_host.wire.budget.Budget`.
+one buffer as its pieces come, which grows only with bytes that arrived: a prefix that
+announces a large message costs nothing until its bytes come (a buffer of the announced size
+would let 5 bytes cost 128 MiB). Every byte held, from arrival until the handler takes its
+message, is charged to the :class:`~extproc_host.wire.budget.Budget`.
 """
 
 from __future__ import annotations
@@ -37,23 +36,19 @@ class Messages:
         "body",
         "budget",
         "compressed_ok",
-        "filled",
         "held",
         "inbox",
         "max_size",
         "need",
         "partial",
-        "preallocate",
     )
 
-    def __init__(self, budget: Budget, max_size: int, preallocate: int, encoding: bytes | None) -> None:
+    def __init__(self, budget: Budget, max_size: int, encoding: bytes | None) -> None:
         self.inbox: deque[bytes | bytearray] = deque()
         self.budget = budget
         self.max_size = max_size
-        self.preallocate = preallocate
         self.partial = bytearray()  # a prefix cut between frames (rare)
         self.body: bytearray | None = None  # a message that spans frames, as it fills
-        self.filled = 0  # bytes of it received
         self.need = 0  # its announced length
         self.held = 0  # bytes charged to the budget
         self.compressed_ok = encoding not in (None, b"identity")
@@ -101,29 +96,16 @@ class Messages:
                 pos += length
                 done += 1
             else:
-                start = min(length, self.preallocate)
-                self.body = bytearray(start)
+                self.body = bytearray()
                 self.need = length
-                self.filled = 0
-                self.held += start
-                self.budget.take(start)
         return done
 
     def _fill(self, body: bytearray, payload: memoryview, pos: int) -> int:
-        take = min(len(payload) - pos, self.need - self.filled)
-        filled = self.filled
-        room = len(body) - filled
-        if take <= room:
-            body[filled : filled + take] = payload[pos : pos + take]  # same length: in place
-        else:  # past the preallocated part: the buffer grows by what arrived
-            if room:
-                body[filled:] = payload[pos : pos + room]
-            body += payload[pos + room : pos + take]
-            grown = take - room
-            self.held += grown
-            self.budget.take(grown)
-        self.filled = filled + take
-        if self.filled == self.need:
+        take = min(len(payload) - pos, self.need - len(body))
+        body += payload[pos : pos + take]
+        self.held += take
+        self.budget.take(take)
+        if len(body) == self.need:
             self.inbox.append(body)
             self.body = None
         return pos + take

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..budget import Budget
-from ..http2.connection import OWN_MAX_FRAME, Connection, Stream, logged
+from ..http2.connection import Connection, Stream, logged
 from ..http2.fields import Request
 from ..http2.limits import Limits
 from ..transport import Sweeper, Transport
@@ -55,7 +55,7 @@ class Dispatcher:
             conn,
             stream,
             request,
-            Messages(server.budget, server.max_message_bytes, server.preallocate, request.grpc_encoding),
+            Messages(server.budget, server.max_message_bytes, request.grpc_encoding),
             server.loop,
         )
         content_type = request.content_type
@@ -124,7 +124,6 @@ class H2Server:
     ) -> None:
         self.max_message_bytes = max_message_bytes
         self.window_bytes = window_bytes
-        self.preallocate = window_bytes + OWN_MAX_FRAME
         self.limits = limits or Limits()
         self.budget = budget or Budget()
         self.methods: dict[bytes, Method] = {}
