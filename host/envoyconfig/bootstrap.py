@@ -5,7 +5,10 @@ Envoy rejects at start-up), turned into a dict and then YAML. One Envoy route pe
 route, matching its ``path_prefix`` (longest first, ``default`` last on ``/``); the ext_proc
 filter sends ``xds.route_name``; each route gets the processing mode its chain needs
 (:mod:`extproc_host.modes`) and its failure policy (``fail_open`` ->
-``failure_mode_allow``). Two clusters: ``extproc`` (HTTP/2, the host) and ``upstream``.
+``failure_mode_allow``). Two clusters: ``extproc`` (HTTP/2, the host) and ``upstream``. The
+filter reaches the host through Envoy's own gRPC client and the ``extproc`` cluster
+(``envoy_grpc``, the default), or through gRPC's C++ client straight to one address
+(``google_grpc``, ``--grpc-client google``), which has no cluster, so no health checks.
 
 envoy-data-plane takes a moment to import: only this command imports this module.
 """
@@ -37,6 +40,9 @@ with warnings.catch_warnings():
         Address,
         GrpcService,
         GrpcServiceEnvoyGrpc,
+        GrpcServiceGoogleGrpc,
+        GrpcServiceGoogleGrpcChannelArgs,
+        GrpcServiceGoogleGrpcChannelArgsValue,
         HealthCheck,
         HealthCheckGrpcHealthCheck,
         Http1ProtocolOptions,
@@ -115,6 +121,9 @@ class EnvoyOptions:
     #: Envoy's default (1 MiB).
     extproc_buffer_limit: int | None = None
     listener_buffer_limit: int | None = None
+    #: Envoy's gRPC client for the host: "envoy" (envoy_grpc, through the ``extproc`` cluster)
+    #: or "google" (google_grpc: gRPC's C++ client, straight to the one host address).
+    grpc_client: str = "envoy"
 
 
 def _seconds(value: float) -> datetime.timedelta:
@@ -169,6 +178,25 @@ def _cluster(name: str, addresses: Sequence[str], http2: bool) -> Cluster:
                 LocalityLbEndpoints(lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=a)) for a, _ in sockets])
             ],
         ),
+    )
+
+
+def _grpc_service(settings: Settings, options: EnvoyOptions) -> GrpcService:
+    """How the ext_proc filters reach the host (see the module's docstring)."""
+    if options.grpc_client == "envoy":
+        return GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name="extproc"))
+    (address,) = options.host_addresses or (settings.server.listen,)
+    if address.startswith(UNIX_PREFIX):
+        target = f"unix:{address.removeprefix(UNIX_PREFIX)}"
+    else:
+        target = parse_address(address).reachable().target()
+    # gRPC's own limit on a message is 4 MiB: a BUFFERED body goes in one message.
+    size = GrpcServiceGoogleGrpcChannelArgsValue(int_value=settings.server.max_message_bytes)
+    limits = {"grpc.max_receive_message_length": size, "grpc.max_send_message_length": size}
+    return GrpcService(
+        google_grpc=GrpcServiceGoogleGrpc(
+            target_uri=target, stat_prefix="extproc", channel_args=GrpcServiceGoogleGrpcChannelArgs(args=limits)
+        )
     )
 
 
@@ -261,7 +289,7 @@ def build_bootstrap(
     http_filters = []
     if options.ext_proc:
         ext_proc = ExternalProcessor(
-            grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name="extproc")),
+            grpc_service=_grpc_service(settings, options),
             failure_mode_allow=fail_open["default"],
             message_timeout=_seconds(options.message_timeout),
             request_attributes=["xds.route_name"],
@@ -270,7 +298,7 @@ def build_bootstrap(
         http_filters.append(HttpFilter(name=EXT_PROC_FILTER, typed_config=AnyMessage.pack(ext_proc)))
         if observe_modes is not None:
             watcher = ExternalProcessor(
-                grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name="extproc")),
+                grpc_service=_grpc_service(settings, options),
                 # Observing never fails an exchange: a host that is down or refuses is skipped.
                 failure_mode_allow=True,
                 observability_mode=True,
@@ -307,7 +335,7 @@ def build_bootstrap(
         ],
     )
     clusters = []
-    if options.ext_proc:
+    if options.ext_proc and options.grpc_client == "envoy":
         extproc = _cluster("extproc", options.host_addresses or [settings.server.listen], http2=True)
         if options.health_check_interval is not None:
             extproc.health_checks = [_health_check(options.health_check_interval)]

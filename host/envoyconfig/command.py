@@ -75,6 +75,13 @@ def add_envoy_config_parser(sub: argparse._SubParsersAction[argparse.ArgumentPar
     envoy.add_argument(
         "--listener-buffer-limit", type=int, metavar="BYTES", help="per-connection buffer limit of Envoy's listener"
     )
+    envoy.add_argument(
+        "--grpc-client",
+        choices=("envoy", "google"),
+        default="envoy",
+        help="Envoy's gRPC client for the host: envoy (envoy_grpc, the extproc cluster; the default) or google "
+        "(google_grpc: gRPC's C++ client to one host address, no cluster, no health checks)",
+    )
     envoy.add_argument("--no-ext-proc", action="store_true", help="no ext_proc filter: Envoy straight to the upstream")
     envoy.add_argument("--output", "-o", metavar="FILE", help="write to this file instead of standard output")
     envoy.set_defaults(handler=run_envoy_config)
@@ -106,6 +113,8 @@ def _envoy_config_command(args: argparse.Namespace) -> str:
     for flag in ("extproc_window", "extproc_buffer_limit", "listener_buffer_limit"):
         if getattr(args, flag) is not None:
             words += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    if args.grpc_client != "envoy":
+        words += ["--grpc-client", args.grpc_client]
     if args.no_ext_proc:
         words.append("--no-ext-proc")
     return " ".join(words)
@@ -147,6 +156,15 @@ def _envoy_options(args: argparse.Namespace) -> EnvoyOptions:
         raise ConfigError(f"--observe-close-timeout: expected seconds above 0, got {args.observe_close_timeout:g}")
     if args.message_timeout <= 0:
         raise ConfigError(f"--message-timeout: expected seconds above 0, got {args.message_timeout:g}")
+    if args.grpc_client == "google":
+        if len(args.host_address) > 1:
+            raise ConfigError(
+                "--grpc-client google: one --host-address only (gRPC's C++ client reaches one address; "
+                "Envoy's own client balances several through the extproc cluster)"
+            )
+        for flag, value in (("--health-check", args.health_check), ("--extproc-window", args.extproc_window)):
+            if value is not None:
+                raise ConfigError(f"{flag} configures the extproc cluster, which --grpc-client google does not use")
     return EnvoyOptions(
         listen=listen,
         admin_port=args.admin_port,
@@ -160,6 +178,7 @@ def _envoy_options(args: argparse.Namespace) -> EnvoyOptions:
         extproc_window=args.extproc_window,
         extproc_buffer_limit=args.extproc_buffer_limit,
         listener_buffer_limit=args.listener_buffer_limit,
+        grpc_client=args.grpc_client,
     )
 
 

@@ -171,9 +171,25 @@ def rewrite_envoy_config(
         }
     if "upstream" not in seen:
         raise StackError("the Envoy config has no 'upstream' cluster")
-    if (extproc_port is not None or extproc_pipe is not None) and "extproc" not in seen:
+    target = f"unix:{extproc_pipe}" if extproc_pipe is not None else f"127.0.0.1:{extproc_port}"
+    google = _point_google_grpc(config, target)  # ext_proc filters with gRPC's own client
+    if (extproc_port is not None or extproc_pipe is not None) and "extproc" not in seen and not google:
         raise StackError("the stack runs a host but the Envoy config has no 'extproc' cluster")
     return config
+
+
+def _point_google_grpc(config: dict[str, Any], target: str) -> int:
+    """Point every ext_proc filter that uses google_grpc at ``target``; how many there were."""
+    found = 0
+    for listener in config.get("static_resources", {}).get("listeners", []):
+        for chain in listener.get("filter_chains", []):
+            for network_filter in chain.get("filters", []):
+                for http_filter in network_filter.get("typed_config", {}).get("http_filters", []):
+                    google = http_filter.get("typed_config", {}).get("grpc_service", {}).get("google_grpc")
+                    if google is not None:
+                        google["target_uri"] = target
+                        found += 1
+    return found
 
 
 class Stack:
@@ -198,6 +214,8 @@ class Stack:
     Envoy's ``extproc`` cluster at that socket (``pipe``).
     ``envoy_edit``: called with the rewritten Envoy bootstrap (a dict) before Envoy starts,
     to change it in place (e.g. TLS on the ``extproc`` cluster).
+    ``envoy_config_args``: more ``extproc-host envoy-config`` options when Envoy's config is
+    generated (e.g. ``["--grpc-client", "google"]``).
     """
 
     def __init__(
@@ -219,6 +237,7 @@ class Stack:
         start: bool = True,
         host_listen: str = "127.0.0.1:0",
         envoy_edit: Callable[[dict[str, Any]], None] | None = None,
+        envoy_config_args: Sequence[str] = (),
     ) -> None:
         self.envoy_template = project_path(envoy_config) if envoy_config is not None else None
         self.host_command = list(host_command) if host_command is not None else None
@@ -238,6 +257,7 @@ class Stack:
         self.keep_temp = keep_temp
         self.host_listen = host_listen
         self.envoy_edit = envoy_edit
+        self.envoy_config_args = list(envoy_config_args)
         self.host_socket: str | None = None  # the host's Unix socket, when it listens on one
 
         self.tmpdir: Path | None = None
@@ -395,7 +415,7 @@ class Stack:
             loaded: dict[str, Any] = yaml.safe_load(self.envoy_template.read_text())
             return loaded
         generated = self.tmpdir / "envoy-generated.yaml"
-        cmd = [*extproc_host_command(), "envoy-config", "-o", str(generated)]
+        cmd = [*extproc_host_command(), "envoy-config", "-o", str(generated), *self.envoy_config_args]
         if self.host_config is not None:
             cmd += ["--config", str(self.host_config)]
         else:

@@ -284,6 +284,31 @@ def test_several_host_addresses_are_endpoints_of_one_cluster(tmp_path: Path) -> 
     assert len(named["load_assignment"]["endpoints"][0]["lb_endpoints"]) == 2
 
 
+def test_google_grpc_client_reaches_the_one_host_address_with_the_message_limit(tmp_path: Path) -> None:
+    # HEAD opens [server]: the key below is in it.
+    settings = 'max_message_bytes = 8388608\n[routes.default]\nchain = ["response_only"]\n'
+    google = render(tmp_path, settings, "--grpc-client", "google")
+    service = ext_proc_filter(google)["grpc_service"]
+    assert list(service) == ["google_grpc"]
+    assert service["google_grpc"]["target_uri"] == "127.0.0.1:9001"
+    assert [c["name"] for c in google["static_resources"]["clusters"]] == ["upstream"]
+    args = service["google_grpc"]["channel_args"]["args"]
+    assert args["grpc.max_receive_message_length"] == {"int_value": "8388608"}  # [server] max_message_bytes
+    unix = render(
+        tmp_path,
+        '[routes.default]\nchain = ["response_only"]\n',
+        "--grpc-client",
+        "google",
+        "--host-address",
+        "unix:/run/x.sock",
+    )
+    assert ext_proc_filter(unix)["grpc_service"]["google_grpc"]["target_uri"] == "unix:/run/x.sock"
+    header = (tmp_path / "envoy.yaml").read_text().splitlines()[1]
+    assert "--grpc-client google" in header
+    envoy = render(tmp_path, '[routes.default]\nchain = ["response_only"]\n')
+    assert ext_proc_filter(envoy)["grpc_service"] == {"envoy_grpc": {"cluster_name": "extproc"}}
+
+
 def test_no_ext_proc_renders_the_direct_reference(tmp_path: Path) -> None:
     bootstrap = render(tmp_path, '[routes.default]\nchain = ["response_only"]\n', "--no-ext-proc")
     assert [f["name"] for f in manager(bootstrap)["http_filters"]] == ["envoy.filters.http.router"]
@@ -365,6 +390,8 @@ def test_bad_settings_exit_2(
         (["--host-address", "unix:/run/h.sock", "--host-address", "host:9001"], "takes no Unix sockets"),
         (["--host-address", "127.0.0.1:9001", "--host-address", "nowhere"], "--host-address: expected HOST:PORT"),
         (["--message-timeout", "0"], "--message-timeout"),
+        (["--grpc-client", "google", "--host-address", "a:1", "--host-address", "b:1"], "one --host-address only"),
+        (["--grpc-client", "google", "--health-check", "2"], "--health-check configures the extproc cluster"),
     ],
 )
 def test_bad_options_exit_2(
