@@ -17,6 +17,7 @@ import re
 from typing import Any
 
 import hpack
+from hpack.table import HeaderTable
 
 from .frames import COMPRESSION_ERROR, ENHANCE_YOUR_CALM, ConnectionFault
 
@@ -71,15 +72,43 @@ class Request:
         return tuple((name.decode("latin-1"), value.decode("latin-1")) for name, value in self.fields)
 
 
+class _VersionedTable(HeaderTable):
+    """HPACK's dynamic table, counting every change (an entry added, the size changed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.version = 0
+
+    def add(self, name: bytes, value: bytes) -> None:
+        self.version += 1
+        super().add(name, value)
+
+    def _set_maxsize(self, size: int) -> None:
+        self.version += 1
+        HeaderTable.maxsize.fset(self, size)  # type: ignore[attr-defined]
+
+    maxsize = property(HeaderTable.maxsize.fget, _set_maxsize)  # type: ignore[attr-defined]
+
+
 class Decoder:
     """The connection's HPACK decoder, refusing blocks over ``max_header_list_size`` before
     decoding them and decoded lists over it while decoding (HPACK's own bombs: a short block
-    that refers to a large table entry many times)."""
+    that refers to a large table entry many times).
+
+    Envoy sends the same header block for every stream of a connection (indexed fields and a
+    ``:path`` literal that is not indexed), and ``hpack`` decodes in pure Python: a block that
+    left the dynamic table unchanged decodes to the same fields as long as the table stays as it
+    was, so such blocks are remembered with the table's version and not decoded again (nor their
+    request checked again).
+    """
 
     def __init__(self, max_header_list_size: int) -> None:
         self.limit = max_header_list_size
         self._decoder = hpack.Decoder(max_header_list_size=max_header_list_size)
+        self._table = self._decoder.header_table = _VersionedTable()
         self._valid: set[Any] = set()  # (name, value) pairs found valid, see MEMO_SIZE
+        self._decoded: dict[bytes, tuple[int, list[tuple[bytes, bytes]]]] = {}  # block: (table version, fields)
+        self._requests: tuple[list[tuple[bytes, bytes]], Request] | None = None  # the last request read
 
     def check_size(self, size: int) -> None:
         """A header block (or the part of one received so far) of ``size`` bytes is refused
@@ -92,6 +121,18 @@ class Decoder:
     def decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
         """The fields of one whole header block; ConnectionFault when it cannot be taken."""
         self.check_size(len(block))
+        version = self._table.version
+        known = self._decoded.get(block)
+        if known is not None and known[0] == version:
+            return known[1]
+        fields = self._decode(block)
+        if self._table.version == version:  # the table is as it was: this block decodes alike again
+            if len(self._decoded) >= MEMO_SIZE:
+                self._decoded.clear()
+            self._decoded[block] = (version, fields)
+        return fields
+
+    def _decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
         try:
             fields: list[tuple[bytes, bytes]] = self._decoder.decode(block, raw=True)  # type: ignore[assignment]
         except hpack.OversizedHeaderListError:
@@ -117,7 +158,16 @@ class Decoder:
         valid.add(pair)
 
     def request(self, fields: list[tuple[bytes, bytes]]) -> Request:
-        """A request's fields checked (sections 8.2, 8.3.1) and read."""
+        """A request's fields checked (sections 8.2, 8.3.1) and read (the same Request for the
+        same remembered block: it is not changed once read)."""
+        last = self._requests
+        if last is not None and last[0] is fields:
+            return last[1]
+        request = self._read_request(fields)
+        self._requests = (fields, request)
+        return request
+
+    def _read_request(self, fields: list[tuple[bytes, bytes]]) -> Request:
         request = Request()
         seen: set[bytes] = set()
         regular = request.fields
