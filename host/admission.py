@@ -30,9 +30,10 @@ from .metrics import Metrics
 from .plugin import Reject
 from .processor import Router, StreamProcessor
 from .settings import ServerSettings
-from .wire import Budget
+from .wire import Budget, LogLimiter
 
 log = logging.getLogger("extproc_host.server")
+logged = LogLimiter(log)  # refusals come in floods: at most 10 lines per 10 s, then a count
 
 #: How long a refused stream may take to send its first message (for the route it was on).
 FIRST_MESSAGE_WAIT = 1.0
@@ -149,7 +150,7 @@ class Admission:
             route = self.router.plan_for(first).route.name
         except (TimeoutError, StopAsyncIteration):
             pass
-        log.warning("route %s: %s", route, message)
+        logged.warning("refused", "route %s: %s", route, message)
         if self.metrics is not None:
             self.metrics.route(route).streams["refused"] += 1
             self.metrics.refused[reason] = self.metrics.refused.get(reason, 0) + 1

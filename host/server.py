@@ -26,13 +26,16 @@ from .processor import Router, StreamProcessor
 from .routes import Route
 from .settings import Settings, parse_listen
 from .upkeep import Upkeep
-from .wire import BIDI, Context, H2Server, StatusCode
+from .wire import BIDI, Context, H2Server, LogLimiter, StatusCode
 from .wire import Limits as Http2Limits
 
 if TYPE_CHECKING:  # grpc is imported only with transport = "grpcio": 18 MiB resident
     import grpc
 
 log = logging.getLogger("extproc_host.server")
+#: Lines about one stream each, which a flood of bad streams must not multiply: at most 10 of a
+#: kind per 10 s, then a count of those left out (the metrics count every one).
+logged = LogLimiter(log)
 
 PROCESS_METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 # [server] stream_window_bytes = 0 ("automatic") with the builtin transport, which does not
@@ -113,16 +116,16 @@ class ExternalProcessor:
                 cut = stream.incomplete()
                 if cut:  # Envoy's side ended early: the reason lists what it may have been
                     error = StreamAborted(admission.cut_short_reason(cut))
-                    log.warning("%s", error)
+                    logged.warning("cut-short", "%s", error)
             completed = True
         except (ProtocolError, DecodeError) as exc:  # DecodeError: bytes that are not a ProcessingRequest
             error = exc if isinstance(exc, ProtocolError) else ProtocolError(f"undecodable ProcessingRequest: {exc}")
-            log.warning("stream %s: ext_proc protocol error: %s", stream.stream_id, error)
+            logged.warning("protocol-error", "stream %s: ext_proc protocol error: %s", stream.stream_id, error)
             await context.abort(codes.INVALID_ARGUMENT, str(error))
         except LimitExceeded as exc:
             error = stream.error = exc
             if not isinstance(exc, IdleTimeout):  # the upkeep logged that one
-                log.warning("%s", exc)
+                logged.warning(exc.setting, "%s", exc)
             await context.abort(getattr(codes, exc.status), str(exc))
         except StreamFailed as exc:
             error = exc

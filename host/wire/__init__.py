@@ -21,7 +21,7 @@ from .budget import Budget
 from .grpc.call import AbortError, Context, Method
 from .grpc.server import BIDI, SERVER_STREAM, UNARY, H2Server
 from .grpc.status import StatusCode
-from .http2.limits import Limits
+from .http2.limits import Limits, LogLimiter
 
 __all__ = [
     "BIDI",
@@ -32,6 +32,7 @@ __all__ = [
     "Context",
     "H2Server",
     "Limits",
+    "LogLimiter",
     "Method",
     "StatusCode",
 ]

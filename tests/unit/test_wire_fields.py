@@ -1,8 +1,9 @@
 """Header blocks (wire/http2/fields.py) held to the libraries: the decoder, which remembers the
 blocks that leave HPACK's table unchanged, decodes any sequence of blocks exactly as a fresh
 ``hpack.Decoder`` does; and a request's fields are accepted or refused as python-hyper's h2
-accepts or refuses them as a server (RFC 9113 section 8), but where this module follows the RFC
-where h2 is stricter (an absent :authority, which the RFC allows when there is none to convey).
+accepts or refuses them as a server (RFC 9113 section 8), but where this module follows the RFCs
+where h2 is stricter (an absent :authority, which RFC 9113 allows when there is none to convey)
+or more lenient (an empty :method or :scheme).
 """
 
 from __future__ import annotations
@@ -84,7 +85,9 @@ def h2_accepts(fields: list[tuple[bytes, bytes]]) -> bool:
 @given(fields=header_lists())
 def test_requests_are_refused_where_h2_refuses_them(fields: list[tuple[bytes, bytes]]) -> None:
     names = {name for name, _ in fields}
-    if (b":method", b"") in fields:  # a method is a token (RFC 9110): refused here, h2 takes it
+    if (b":method", b"") in fields or (b":scheme", b"") in fields:
+        # A method is a token (RFC 9110), a scheme at least a letter (RFC 3986): an empty one is
+        # refused here, h2 takes it.
         with pytest.raises(Malformed):
             Decoder(16384).request(fields)
         return

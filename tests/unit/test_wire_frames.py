@@ -105,6 +105,8 @@ def layout_only(kind: int, flags: int, stream_id: int, payload: bytes) -> bool:
         return False  # depends on itself
     if kind == frames.HEADERS and flags & frames.PRIORITY_FLAG:
         return False  # hyperframe reads a self-dependency without complaint; we report it later
+    if kind == frames.HEADERS and flags & frames.PADDED and payload and payload[0] == len(payload) - 1:
+        return False  # padding exactly as long as what remains: see the test below
     return kind != frames.SETTINGS or flags & frames.ACK or len(payload) % 6 != 0
 
 
@@ -172,6 +174,15 @@ def test_rules_beyond_the_layout_raise_the_code_the_rfc_names(
 ) -> None:
     error = ours(kind, flags, stream_id, payload)
     assert isinstance(error, fault) and error.code == code  # type: ignore[attr-defined]
+
+
+def test_headers_padding_as_long_as_what_remains_leaves_an_empty_fragment() -> None:
+    """RFC 9113 section 6.2: padding that *exceeds* what remains is an error; padding exactly as
+    long leaves an empty header block fragment (hyperframe refuses it too)."""
+    fragment, _ = frames.read_headers(frames.PADDED, 1, memoryview(b"\x0c" + bytes(12)))
+    assert bytes(fragment) == b""
+    with pytest.raises(ConnectionFault):
+        frames.read_headers(frames.PADDED, 1, memoryview(b"\x0d" + bytes(12)))
 
 
 def test_header_blocks_are_split_at_the_peers_frame_size_and_read_back_by_hyperframe() -> None:
