@@ -40,10 +40,13 @@ class WorkerError(RuntimeError):
 
 def check_port_free(address: ListenAddress) -> ListenAddress:
     """Bind the address once without SO_REUSEPORT (so a port already taken, even by a group of
-    reuseport sockets, is refused) and return it with the real port (for port 0)."""
+    reuseport sockets, is refused) and return it with the real port (for port 0). With
+    SO_REUSEADDR, as the workers bind: connections of the previous run still in TIME_WAIT (Envoy
+    was connected when it stopped) do not make the port look taken."""
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
     probe = socket.socket(family, socket.SOCK_STREAM)
     try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind((address.host, address.port))
         port = probe.getsockname()[1]
     except OSError as exc:

@@ -95,6 +95,35 @@ def test_two_workers_share_the_streams_and_stop_cleanly(tmp_path: Path, payload)
         assert not alive
 
 
+def test_workers_restarted_with_envoy_connected_listen_at_once(tmp_path: Path, payload) -> None:
+    """The workers close Envoy's connections when they stop, which leaves them in TIME_WAIT on
+    the host's port: the restarted supervisor must still take the port (its probe binds with
+    SO_REUSEADDR, as the workers do), not refuse it for a minute."""
+    config = tmp_path / "host.toml"
+    config.write_text(HOST_CONFIG)
+    body = payload(64 * KiB)
+    with Stack(
+        "envoy/full_duplex.yaml", host_config=config, host_args=["--workers", "2"], host_env={"PYTHONPATH": PYTHONPATH}
+    ) as stack:
+
+        async def some() -> list:
+            return await asyncio.gather(
+                *(h1_request(stack.url + "/full-duplex-streamed", body=body) for _ in range(10))
+            )
+
+        assert [e.status for e in asyncio.run(some())] == [200] * 10
+        stack.send_signal("host", signal.SIGTERM)
+        assert stack.wait_exit("host", timeout=30) == 0
+        port = stack.host_port
+        waiting = [
+            c for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port and c.status == "TIME_WAIT"
+        ]
+        assert waiting, "no connection of the stopped host in TIME_WAIT: nothing to show"
+        stack.restart_host()  # raises when the host does not listen on the same port
+        echoed = asyncio.run(some())
+        assert [(e.status, e.sha256) for e in echoed] == [(200, body.sha256)] * 10
+
+
 def _start_supervisor(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], int]:
     config = tmp_path / "host.toml"
     config.write_text('[server]\nlog_level = "warning"\ndrain_seconds = 0\n')  # nothing health-checks these
