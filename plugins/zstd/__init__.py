@@ -8,8 +8,9 @@ Both directions stream with bounded memory, whatever the body size:
   client reading a long stream sees data progressively); the frame is ended at the end of the
   body. Whether to compress is decided in the response header hook, where streamed modes
   require header changes to be made.
-- Requests: the body is decompressed in small input slices and handed on in pieces of at most
-  1 MiB, so a small body that expands hugely (a "zip bomb") never sits in memory whole. A body
+- Requests: the decompressor is asked for at most 1 MiB at a time and each piece is handed on
+  before the next is made, so a small body that expands hugely (a "zip bomb") never sits in
+  memory whole, not even for one call: 4 bytes of zstd can stand for 128 KiB. A body
   that decompresses past ``max_decompressed_bytes``, or to more than ``max_ratio`` times its
   compressed size (once past ``RATIO_FREE_BYTES``), is not valid zstd, or ends in the middle
   of a frame is answered with a 413 or 400 local reply (Envoy resets the upstream request), so
@@ -23,7 +24,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import zstandard
+from backports import zstd
 from pydantic import BaseModel, ConfigDict, Field
 
 from extproc_host import Headers, Needs, Plugin, Reject, StreamInfo, hookimpl
@@ -52,11 +53,8 @@ DEFAULT_SKIP_CONTENT_TYPES = [
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 
-#: Compressed input is fed to the decompressor this many bytes at a time. zstd's densest
-#: encoding (RLE blocks) turns 4 bytes into 128 KiB, so one slice yields at most ~64 MiB even
-#: for a crafted body; real data yields a few KiB per slice.
-INPUT_SLICE = 2048
-#: Largest piece of decompressed output handed on at once.
+#: Largest piece of decompressed output made and handed on at once (the decompressor's
+#: ``max_length``).
 OUTPUT_PIECE = 1 * MiB
 #: Decompressed bytes a request body may reach whatever its ratio (small, very repetitive
 #: bodies compress far beyond any sensible ratio limit).
@@ -102,8 +100,9 @@ class ZstdSettings(BaseModel):
     limit). Real data compresses 3-10x, logs and JSON up to ~50x; a body of zeros 30,000x."""
 
     max_window_bytes: int = Field(8 * MiB, ge=1024, le=2 * GiB)
-    """Largest zstd window accepted in a request body (the decompressor's memory per stream).
-    8 MiB is what RFC 8878 asks every HTTP zstd decoder to support; larger windows get a 400."""
+    """Largest zstd window accepted in a request body (the decompressor's memory per stream),
+    rounded down to a power of two. 8 MiB is what RFC 8878 asks every HTTP zstd decoder to
+    support; larger windows get a 400."""
 
     checksum: bool = True
     """Write a content checksum at the end of each compressed response (clients verify it)."""
@@ -196,11 +195,9 @@ class Zstd(Plugin[ZstdSettings]):
 
     def __init__(self, settings: ZstdSettings, stream: StreamInfo) -> None:
         super().__init__(settings, stream)
-        self._compressor: zstandard.ZstdCompressionObj | None = None  # set when compressing this response
+        self._compressor: zstd.ZstdCompressor | None = None  # set when compressing this response
         self._decompressing = False
-        self._dctx: zstandard.ZstdDecompressor | None = None
-        self._dobj: zstandard.ZstdDecompressionObj | None = None  # of the current frame
-        self._frame_started = False  # the current frame has taken input
+        self._dobj: zstd.ZstdDecompressor | None = None  # of the current frame
         self._decompressed = 0
         self._compressed = 0  # compressed request bytes fed to the decompressor
 
@@ -219,7 +216,6 @@ class Zstd(Plugin[ZstdSettings]):
             headers.remove("content-encoding")
         headers.remove("content-length")
         self._decompressing = True
-        self._dctx = zstandard.ZstdDecompressor(max_window_size=self.settings.max_window_bytes)
 
     def on_request_body(self, chunk: bytes) -> bytes | Iterator[bytes]:
         if not self._decompressing:
@@ -227,37 +223,34 @@ class Zstd(Plugin[ZstdSettings]):
         return self._decompress(chunk)
 
     def on_request_body_end(self) -> bytes:
-        if self._decompressing and self._frame_started:
+        if self._decompressing and self._dobj is not None:
             raise Reject(400, "zstd request body is truncated: it ends in the middle of a frame\n", _TEXT)
         return b""
 
     def _decompress(self, chunk: bytes) -> Iterator[bytes]:
-        """Decompressed pieces of ``chunk`` (at most OUTPUT_PIECE each), frame after frame."""
+        """Decompressed pieces of ``chunk`` (at most OUTPUT_PIECE each, each made only once the
+        one before was taken), frame after frame."""
         limit = self.settings.max_decompressed_bytes
         ratio = self.settings.max_ratio
-        pending: list[bytes] = []
-        pending_size = 0
-        view = memoryview(chunk)
-        for start in range(0, len(view), INPUT_SLICE):
-            data: bytes | memoryview = view[start : start + INPUT_SLICE]
-            self._compressed += len(data)
-            while data:
-                if self._dobj is None:
-                    assert self._dctx is not None  # set by on_request_headers when decompressing
-                    self._dobj = self._dctx.decompressobj()
-                    self._frame_started = False
-                self._frame_started = True
-                try:
-                    out = self._dobj.decompress(data)
-                except zstandard.ZstdError as exc:
-                    raise Reject(400, f"zstd request body is not valid zstd: {exc}\n", _TEXT) from None
-                data = b""
-                if self._dobj.eof:  # the frame is complete; what follows starts the next one
-                    data = self._dobj.unused_data
-                    self._dobj = None
-                    self._frame_started = False
-                if not out:
-                    continue
+        self._compressed += len(chunk)
+        data: bytes = chunk
+        while True:
+            if self._dobj is None:
+                if not data:
+                    return
+                self._dobj = zstd.ZstdDecompressor(
+                    options={zstd.DecompressionParameter.window_log_max: self._window_log}
+                )
+            dobj = self._dobj
+            try:
+                out = dobj.decompress(data, max_length=OUTPUT_PIECE)
+            except zstd.ZstdError as exc:
+                raise Reject(400, f"zstd request body is not valid zstd: {exc}\n", _TEXT) from None
+            data = b""
+            if dobj.eof:  # the frame is complete; what follows starts the next one
+                data = dobj.unused_data
+                self._dobj = None
+            if out:
                 self._decompressed += len(out)
                 if self._decompressed > limit:
                     raise Reject(
@@ -271,13 +264,14 @@ class Zstd(Plugin[ZstdSettings]):
                         f"zstd request body decompresses to more than {ratio:g} times its compressed size, the limit\n",
                         _TEXT,
                     )
-                pending.append(out)
-                pending_size += len(out)
-                if pending_size >= OUTPUT_PIECE:
-                    yield from _pieces(pending)
-                    pending, pending_size = [], 0
-        if pending:
-            yield from _pieces(pending)
+                yield out
+            elif self._dobj is not None and dobj.needs_input:
+                return  # all of ``chunk`` taken: the frame goes on in the next one
+
+    @property
+    def _window_log(self) -> int:
+        """zstd's window_log_max for ``max_window_bytes`` (a power of two, rounded down)."""
+        return max(self.settings.max_window_bytes.bit_length() - 1, 10)
 
     # ---- responses ----
 
@@ -293,9 +287,12 @@ class Zstd(Plugin[ZstdSettings]):
         etag = headers.get("etag")
         if etag is not None and not etag.startswith("W/"):
             headers.set("etag", "W/" + etag)  # same meaning, different bytes: no longer strong
-        self._compressor = zstandard.ZstdCompressor(
-            level=self.settings.level, write_checksum=self.settings.checksum
-        ).compressobj()
+        self._compressor = zstd.ZstdCompressor(
+            options={
+                zstd.CompressionParameter.compression_level: self.settings.level,
+                zstd.CompressionParameter.checksum_flag: int(self.settings.checksum),
+            }
+        )
 
     def _compressible(self, headers: Headers) -> bool:
         """Whether this response may be compressed at all (the client's wishes aside)."""
@@ -332,33 +329,20 @@ class Zstd(Plugin[ZstdSettings]):
     def on_response_body(self, chunk: bytes) -> bytes:
         if self._compressor is None:
             return chunk
-        out = self._compressor.compress(chunk)
-        return out + self._compressor.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        return self._compressor.compress(chunk, mode=zstd.ZstdCompressor.FLUSH_BLOCK)
 
     def on_response_body_end(self) -> bytes:
         if self._compressor is None:
             return b""
         compressor, self._compressor = self._compressor, None
-        return compressor.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH)
+        return compressor.flush(mode=zstd.ZstdCompressor.FLUSH_FRAME)
 
     def close(self, error: BaseException | None) -> None:
         self._compressor = None
         self._dobj = None
-        self._dctx = None
 
 
 _TEXT = {"content-type": "text/plain; charset=utf-8"}
-
-
-def _pieces(parts: list[bytes]) -> Iterator[bytes]:
-    """``parts`` joined, cut into pieces of at most OUTPUT_PIECE."""
-    data = parts[0] if len(parts) == 1 else b"".join(parts)
-    if len(data) <= OUTPUT_PIECE:
-        yield data
-        return
-    view = memoryview(data)
-    for start in range(0, len(view), OUTPUT_PIECE):
-        yield bytes(view[start : start + OUTPUT_PIECE])
 
 
 @hookimpl

@@ -261,7 +261,8 @@ def _assert_nothing_complete_upstream(stack: Stack, before: dict[str, int]) -> s
     deadline = time.monotonic() + 5
     while True:
         after = _stats(stack)
-        attempts = _delta(before, after, UPSTREAM_REQUESTS, UPSTREAM_PENDING)
+        # A request that waited for a connection counts in both: pending_total, then total.
+        attempts = max(_delta(before, after, UPSTREAM_REQUESTS), _delta(before, after, UPSTREAM_PENDING))
         cut = _delta(before, after, UPSTREAM_RESETS, UPSTREAM_CANCELLED)
         if attempts == 0:
             return "never sent upstream"

@@ -10,6 +10,7 @@ import grpc
 import pytest
 import zstandard
 
+from extproc_host import Headers, StreamInfo
 from extproc_host_plugins import zstd as plugin
 from extproc_host_plugins.zstd import ZstdSettings, accepts_zstd, media_type, parse_accept_encoding, type_matches
 
@@ -400,6 +401,33 @@ async def test_a_bomb_comes_out_in_bounded_pieces(envoy):
     pieces = _stream_bodies(conv, "request_body", FD)
     assert max(len(p) for p in pieces) <= plugin.OUTPUT_PIECE
     assert sum(len(p) for p in pieces) == len(plain) and not any(b"".join(pieces))
+
+
+def test_a_bomb_is_never_more_than_one_piece_in_memory():
+    """4 bytes of zstd stand for 128 KiB: the decompressor is asked for one piece at a time, and
+    the next one is made only when the host takes this one (a 2 KiB slice of this bomb once
+    made 64 MiB at once)."""
+    import tracemalloc
+
+    data = zstandard.ZstdCompressor().compress(bytes(64 * MiB))
+    settings = ZstdSettings(max_ratio=0)
+    zstd = plugin.Zstd(settings, StreamInfo(stream_id="1", route="default"))
+    zstd.on_request_headers(Headers([("content-encoding", "zstd")]))
+    tracemalloc.start()
+    try:
+        pieces = zstd.on_request_body(data)
+        taken = 0
+        peak = 0
+        for piece in pieces:
+            assert len(piece) <= plugin.OUTPUT_PIECE
+            taken += len(piece)
+            peak = max(peak, tracemalloc.get_traced_memory()[1])
+            tracemalloc.reset_peak()
+            del piece
+    finally:
+        tracemalloc.stop()
+    assert taken == 64 * MiB
+    assert peak < 4 * plugin.OUTPUT_PIECE, f"{peak} bytes at once"  # the piece, and the decompressor's buffer
 
 
 async def test_other_codings_stay_in_content_encoding(envoy):
