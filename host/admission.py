@@ -1,18 +1,17 @@
-"""Which streams the server takes, the bytes they hold, and how each one is counted when it ends.
+"""Which streams the server takes, the memory they hold, and how each one is counted when it ends.
 
-A new stream is refused while the server shuts down (UNAVAILABLE), when
-``[server] max_concurrent_streams`` streams are already open, or when the bytes the open streams
-hold have reached ``[server] max_held_bytes`` (RESOURCE_EXHAUSTED). Envoy then applies the
-route's failure policy: fail_closed answers the client 500, failure_mode_allow lets the request
-through unprocessed.
-
-Held bytes: while a stream answers a body message, the chunk it received and the body it sends
-back are in the host's memory (and stay there while Envoy does not read the answer). Each
-stream's share is charged before its answer is sent and released once gRPC took it; an answer
-that would take the total past ``max_held_bytes`` fails its stream with RESOURCE_EXHAUSTED.
-The count is one :class:`~extproc_host.wire.Budget` shared with the builtin gRPC server, which
-charges the request messages it holds until the servicer takes them (and past the limit stops
-giving Envoy window until they are taken).
+Admission is by bytes, against one budget (``[server] max_held_bytes``, a
+:class:`~extproc_host.wire.Budget` shared with the builtin gRPC server): every open stream
+reserves ``stream_reserve`` bytes (its own objects, measured at about 7 KiB with a passthrough
+chain, counted as ``STREAM_COST``, and the first window Envoy may fill), and the bytes streams
+hold are charged as they come: request messages not yet taken, the answers on their way out,
+observers' queues, windows grown past the first. A new stream is refused only when the
+reservations alone would pass the budget, or while the server shuts down (UNAVAILABLE), or past
+an explicit ``[server] max_concurrent_streams`` (RESOURCE_EXHAUSTED; 0, the default, counts no
+streams). Held bytes past the budget refuse nobody: the builtin server stops giving Envoy window
+until they are released, so Envoy holds back instead. Envoy then applies the route's failure
+policy to a refused stream: fail_closed answers the client 500, failure_mode_allow lets the
+request through unprocessed.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from typing import Any, NoReturn
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from .errors import LimitExceeded, OverBudget, PluginError, StreamAborted
+from .errors import LimitExceeded, PluginError, StreamAborted
 from .metrics import Metrics
 from .plugin import Reject
 from .processor import Router, StreamProcessor
@@ -50,25 +49,38 @@ def outcome_of(error: BaseException | None) -> str:
     return "failed"
 
 
+#: What an open stream costs the host before it holds any body: its objects with a passthrough
+#: chain measured about 7 KiB; this leaves room for plugins' own.
+STREAM_COST = 16 * 1024
+
+
 @dataclass(frozen=True)
 class Limits:
     """The server's limits (``[server]``); 0 turns one off."""
 
     max_streams: int = 0  # max_concurrent_streams
     max_message_bytes: int = 0  # for the error message when a message is too large
-    max_held_bytes: int = 0  # body bytes held by the answers of every open stream
+    max_held_bytes: int = 0  # the budget
     idle_timeout: float = 0.0  # idle_timeout_seconds: longest wait for Envoy's next message
     observe_buffer_bytes: int = 16 * 1024 * 1024  # how far an observe-only chain may fall behind
+    stream_reserve: int = STREAM_COST  # what each open stream reserves in the budget
 
     @classmethod
     def from_settings(cls, server: ServerSettings) -> Limits:
-        """The limits ``[server]`` sets."""
+        """The limits ``[server]`` sets. A stream reserves STREAM_COST and its first window:
+        ``[server.http2] initial_window_bytes`` with the builtin server, the whole stream window
+        with grpc.aio (which fills it at once, 4 MiB when automatic)."""
+        if server.transport == "builtin":
+            window = server.http2.initial_window_bytes
+        else:
+            window = server.stream_window_bytes or 4 * 1024 * 1024
         return cls(
             max_streams=server.max_concurrent_streams,
             max_message_bytes=server.max_message_bytes,
             max_held_bytes=server.max_held_bytes,
             idle_timeout=server.idle_timeout_seconds,
             observe_buffer_bytes=server.observe_buffer_bytes,
+            stream_reserve=STREAM_COST + window,
         )
 
 
@@ -90,28 +102,28 @@ class Admission:
 
     @property
     def held(self) -> int:
-        """Bytes the open streams hold now (answers, and the builtin server's request messages)."""
-        return self.budget.held
+        """Bytes the open streams hold and reserve now."""
+        return self.budget.total
 
     def admits(self) -> bool:
-        """Whether a new stream may start now."""
-        return (
-            self.accepting
-            and not (self.max_streams and self.active >= self.max_streams)
-            and not (self.max_held_bytes and self.held >= self.max_held_bytes)
-        )
+        """Whether a new stream may start now: when it may, it is counted open and its
+        reservation made (:meth:`closed` returns them)."""
+        if not self.accepting or (self.max_streams and self.active >= self.max_streams):
+            return False
+        if not self.budget.reserve(self.limits.stream_reserve):
+            return False
+        self.active += 1
+        return True
+
+    def closed(self) -> None:
+        """A stream admitted by :meth:`admits` has closed its plugins."""
+        self.active -= 1
+        self.budget.unreserve(self.limits.stream_reserve)
 
     def charge(self, stream: StreamProcessor) -> None:
-        """Count the bytes ``stream``'s answer holds (``stream.held``) until :meth:`release`;
-        OverBudget when they would take the total past ``max_held_bytes``."""
+        """Count the bytes ``stream``'s answer holds (``stream.held``) until :meth:`release`.
+        Past the budget nothing fails: the builtin server holds Envoy back instead."""
         held = stream.held
-        if self.max_held_bytes and self.held + held > self.max_held_bytes:
-            raise OverBudget(
-                "max_held_bytes",
-                f"stream {stream.stream_id} route {stream.route_name}: answering would hold {held} more bytes "
-                f"while open streams hold {self.held}, over the limit ([server] max_held_bytes) of "
-                f"{self.max_held_bytes}",
-            )
         self.budget.take(held)
         stream.charged = held
 
@@ -140,9 +152,11 @@ class Admission:
             )
         else:
             code, reason = codes.RESOURCE_EXHAUSTED, "max_held_bytes"
+            reserve = self.limits.stream_reserve
             message = (
-                f"extproc-host refused the stream: open streams hold {self.held} bytes, "
-                f"the limit ([server] max_held_bytes) is {self.max_held_bytes}"
+                f"extproc-host refused the stream: {self.active} open streams reserve {self.budget.reserved} bytes "
+                f"({reserve} each: the stream and its first window), one more would pass the budget "
+                f"([server] max_held_bytes) of {self.max_held_bytes}"
             )
         route = "?"
         try:

@@ -58,10 +58,6 @@ class AnswerTooLarge(LimitExceeded):
     may be (``[server] max_message_bytes``): it cannot be sent back to Envoy."""
 
 
-class OverBudget(LimitExceeded):
-    """Sending this answer would take the bytes the host holds past ``[server] max_held_bytes``."""
-
-
 class ObserverBehind(LimitExceeded):
     """An observe-only chain fell further behind Envoy than ``[server] observe_buffer_bytes``
     (or the host's ``max_held_bytes``): the host stopped observing the exchange, which went on

@@ -82,12 +82,11 @@ class ExternalProcessor:
     ) -> AsyncIterator[pb.ProcessingResponse]:
         admission = self.admission
         codes = status_codes(context)
-        if not admission.admits():
+        if not admission.admits():  # counted open from here: admission.closed() at the end
             await admission.refuse(request_iterator, context, codes)
         stream = StreamProcessor(self.router, str(next(self._ids)))
         current_stream.set(stream)
         error: BaseException | None = None
-        admission.active += 1
         upkeep = self.upkeep
         upkeep.watch(stream)
         completed = False  # the stream ran to its end (else: failed, cancelled, or closed mid-send)
@@ -101,7 +100,7 @@ class ExternalProcessor:
                     break
                 responses = await stream.handle(request)
                 if stream.held:
-                    admission.charge(stream)  # OverBudget past [server] max_held_bytes
+                    admission.charge(stream)
                 if isinstance(responses, (tuple, list)):
                     for response in responses:
                         yield response
@@ -156,7 +155,7 @@ class ExternalProcessor:
             if stream.charged:
                 admission.release(stream)
             if stream.chain is None and not self._announce:
-                admission.active -= 1  # no plugin instance to close and nobody to tell
+                admission.closed()  # no plugin instance to close and nobody to tell
                 admission.count(stream, error)
             else:
                 # Shielded: a second cancel (server shutdown) must not cut the plugins' close short.
@@ -174,7 +173,7 @@ class ExternalProcessor:
             if self._announce and self.pm is not None and stream.plan is not None:
                 self.pm.hook.stream_finished(stream=stream.stream_info(), error=error)
         finally:
-            self.admission.active -= 1
+            self.admission.closed()
 
     async def drain(self, timeout: float = 30.0) -> None:
         """Wait until every stream that started has closed its plugins (or ``timeout``)."""
@@ -232,6 +231,7 @@ def http2_limits(settings: Settings) -> Http2Limits:
     http2 = settings.server.http2
     return Http2Limits(
         max_concurrent_streams=http2.max_concurrent_streams,
+        initial_window=http2.initial_window_bytes,
         max_header_list_size=http2.max_header_list_size,
         preface_timeout=http2.preface_timeout_seconds,
         frame_timeout=http2.frame_timeout_seconds,

@@ -53,6 +53,10 @@ class Http2Settings(BaseModel):
     # with REFUSED_STREAM, which Envoy retries on another connection), and the most handlers
     # that run at once for it. [server] max_concurrent_streams bounds all connections together.
     max_concurrent_streams: int = Field(default=1000, ge=1, le=2**31 - 1)
+    # SETTINGS_INITIAL_WINDOW_SIZE: what a new stream may send before the host gives window back;
+    # each stream reserves it in [server] max_held_bytes, and its window grows to [server]
+    # stream_window_bytes once it takes what came, while the budget has room.
+    initial_window_bytes: int = Field(default=16 * 1024, ge=1024, le=2**31 - 1)
     # SETTINGS_MAX_HEADER_LIST_SIZE: a larger header block ends its connection before it is
     # decoded. Envoy's gRPC requests carry a few hundred bytes (more with initial_metadata).
     max_header_list_size: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)
@@ -101,12 +105,14 @@ class ServerSettings(BaseModel):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # "json": one JSON object per line (log collectors); "text": human-readable lines.
     log_format: Literal["text", "json"] = "text"
-    # Streams open at once beyond which new ones are refused with RESOURCE_EXHAUSTED (0: no limit).
-    # Each may hold its receive window in gRPC plus its answer's bytes (docs/operating.md).
-    max_concurrent_streams: int = Field(default=128, ge=0)
-    # Body bytes the answers of all open streams may hold at once (the chunk received and the
-    # body sent back, until gRPC took it); an answer past it fails its stream, and new streams
-    # are refused while it is reached, with RESOURCE_EXHAUSTED (0: no limit).
+    # Streams open at once beyond which new ones are refused with RESOURCE_EXHAUSTED (0: no count;
+    # the budget below bounds them, docs/operating.md).
+    max_concurrent_streams: int = Field(default=0, ge=0)
+    # The budget for everything open streams hold (0: no limit): each stream reserves 16 KiB plus
+    # its first window (new streams are refused only when reservations would pass it), and the
+    # bytes they hold are charged (request messages not yet taken, answers on their way out,
+    # observers' queues, windows grown past the first); past it the builtin server gives Envoy
+    # no more window until bytes are released: flow control, not refusals.
     max_held_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     # Longest wait for Envoy's next message on a stream (or for Envoy to take an answer); past
     # it the stream fails with DEADLINE_EXCEEDED (0: no limit).

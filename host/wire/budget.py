@@ -1,9 +1,14 @@
-"""One count of the bytes streams hold in the host, against one limit.
+"""One budget for the memory streams hold in the host (``[server] max_held_bytes``).
 
-The gRPC layer charges every request byte it keeps (messages received and not yet taken by
-their handler, and the part of a message still arriving); the servicer charges the answers it
-holds (admission.py). Past the limit the gRPC layer stops giving window back to the peer, so
-flow control holds the peer's bytes on its side until the held ones are released.
+Two kinds of charges share it:
+
+- **Reservations**, one per open stream (:meth:`Budget.reserve`): what a stream costs before it
+  holds any body, its own objects and the first window the peer may fill without asking. New
+  streams are refused only when reservations alone would pass the limit.
+- **Bytes** (:meth:`Budget.take`): request messages received and not yet taken by the stream's
+  chain, answers on their way out, observers' queues, and the window granted to a stream beyond
+  its first. Past the limit nothing is refused: the builtin gRPC server stops giving window
+  back, so flow control holds the peer's bytes on its side until the held ones are released.
 """
 
 from __future__ import annotations
@@ -12,19 +17,43 @@ from collections.abc import Callable
 
 
 class Budget:
-    """Bytes held by the open streams (``held``) and the most they may hold (``limit``, 0: none)."""
+    """Bytes the open streams hold (``held``) and reserve (``reserved``) against ``limit``
+    (0: no limit)."""
 
-    __slots__ = ("held", "limit", "starved")
+    __slots__ = ("held", "limit", "reserved", "starved")
 
     def __init__(self, limit: int = 0) -> None:
         self.limit = limit
         self.held = 0
+        self.reserved = 0
         self.starved: dict[int, Callable[[], None]] = {}  # callbacks to run once under the limit
 
     @property
+    def total(self) -> int:
+        """Everything counted: reservations and bytes."""
+        return self.held + self.reserved
+
+    @property
     def over(self) -> bool:
-        """The limit is reached."""
-        return bool(self.limit) and self.held >= self.limit
+        """The limit is reached: hold the peer back."""
+        return bool(self.limit) and self.held + self.reserved >= self.limit
+
+    def fits(self, size: int) -> bool:
+        """Whether ``size`` more bytes stay within the limit."""
+        return not self.limit or self.held + self.reserved + size <= self.limit
+
+    def reserve(self, size: int) -> bool:
+        """Reserve ``size`` for a new stream; False (nothing reserved) when the reservations
+        would pass the limit."""
+        if self.limit and self.reserved + size > self.limit:
+            return False
+        self.reserved += size
+        return True
+
+    def unreserve(self, size: int) -> None:
+        """A stream's reservation ends."""
+        self.reserved -= size
+        self._wake()
 
     def take(self, size: int) -> None:
         """Count ``size`` more bytes held."""
@@ -33,15 +62,18 @@ class Budget:
     def give(self, size: int) -> None:
         """``size`` bytes are not held any more; those who waited for room are called."""
         self.held -= size
-        if self.starved and not self.over:
-            waiting, self.starved = self.starved, {}
-            for resume in waiting.values():
-                resume()
+        self._wake()
 
     def wait(self, key: int, resume: Callable[[], None]) -> None:
-        """Call ``resume`` once the held bytes are under the limit again."""
+        """Call ``resume`` once the total is under the limit again."""
         self.starved[key] = resume
 
     def forget(self, key: int) -> None:
         """No more call for ``key``."""
         self.starved.pop(key, None)
+
+    def _wake(self) -> None:
+        if self.starved and not self.over:
+            waiting, self.starved = self.starved, {}
+            for resume in waiting.values():
+                resume()

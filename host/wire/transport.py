@@ -37,12 +37,10 @@ class Transport(asyncio.Protocol):
         self,
         application: Callable[[], Application],
         limits: Limits,
-        window_bytes: int,
         registry: set[Transport],
     ) -> None:
         self.application = application
         self.limits = limits
-        self.window_bytes = window_bytes
         self.registry = registry
         self.conn: Connection | None = None
         self.transport: asyncio.Transport | None = None
@@ -57,7 +55,6 @@ class Transport(asyncio.Protocol):
         conn = self.conn = Connection(
             self.application(),
             self.limits,
-            window_bytes=self.window_bytes,
             peer=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix",
         )
         conn.wants_flush = self._schedule_flush

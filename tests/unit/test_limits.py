@@ -1,6 +1,7 @@
 """The host's documented limits, through the in-process fake Envoy: an answer larger than one
-gRPC message (every body mode), the budget of bytes held in answers, the idle timeout, and the
-memory reclaimed after streams ended abnormally."""
+gRPC message (every body mode), the budget (streams admitted by their reservations, held bytes
+holding Envoy back rather than failing anyone), the idle timeout, and the memory reclaimed after
+streams ended abnormally."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 import extproc_host.upkeep as upkeep_module
 from extproc_host import Plugin, hookimpl
-from extproc_host.admission import Admission, Limits
-from extproc_host.errors import AnswerTooLarge, IdleTimeout, OverBudget
+from extproc_host.admission import STREAM_COST, Admission, Limits
+from extproc_host.errors import AnswerTooLarge, IdleTimeout
 from extproc_host.logs import CancelledSendFilter
 from extproc_host.metrics import Metrics
 from extproc_host.processor import Router
@@ -127,12 +128,15 @@ def value(metrics: Metrics, name: str, **labels: str) -> float:
     return metrics.registry.get_sample_value(name, labels) or 0.0
 
 
-def test_defaults_bound_streams_bytes_and_idle_time() -> None:
+def test_defaults_bound_streams_by_bytes_and_idle_time() -> None:
     server = Settings().server
-    assert server.max_concurrent_streams == 128
+    assert server.max_concurrent_streams == 0  # no count: the budget bounds them
     assert server.max_held_bytes == 256 * MiB
     assert server.idle_timeout_seconds == 300.0
     assert server.max_message_bytes == 128 * MiB
+    limits = Limits.from_settings(server)
+    assert limits.stream_reserve == STREAM_COST + 16 * 1024  # the stream and its first window
+    assert server.max_held_bytes // limits.stream_reserve == 8192  # streams admitted, idle
 
 
 @pytest.mark.parametrize("route", ["expand", "expand-bytes"])
@@ -180,15 +184,16 @@ async def test_full_duplex_sends_any_output_in_pieces(make_envoy) -> None:
     assert CLOSED == [None]
 
 
-async def test_an_answer_over_the_held_bytes_budget_fails_its_stream(make_envoy) -> None:
+async def test_an_answer_over_the_budget_is_sent_and_fails_nobody(make_envoy) -> None:
     async with make_envoy(f"max_held_bytes = {2 * MiB}") as fake:
         got = await fake.converse([request_headers(route="default"), request_body(b"a" * (MiB + 1), end=True)])
         metrics = fake.servicer.router.metrics
         assert fake.servicer.admission.held == 0
-    assert got.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "[server] max_held_bytes" in got.details
-    assert len(CLOSED) == 1 and isinstance(CLOSED[0], OverBudget)
-    assert value(metrics, "extproc_stream_limit_failures_total", limit="max_held_bytes") == 1
+    assert got.code == grpc.StatusCode.OK
+    body, _ = got.streamed("request_body")
+    assert body == b"a" * (MiB + 1)
+    assert CLOSED == [None]
+    assert value(metrics, "extproc_stream_limit_failures_total", limit="max_held_bytes") == 0
 
 
 async def _wait_for(condition, what: str, timeout: float = 10.0) -> None:
@@ -223,28 +228,47 @@ async def _stalled(first: list[pb.ProcessingRequest], release: asyncio.Event) ->
     await release.wait()
 
 
-async def test_streams_are_refused_while_unread_answers_hold_the_budget(make_envoy) -> None:
-    """A stream whose answers Envoy does not read holds its bytes; once they reach the budget,
-    new streams are refused with RESOURCE_EXHAUSTED naming the setting, and the bytes come
-    back when the stalled stream goes."""
+async def test_held_bytes_past_the_budget_hold_envoy_back_and_refuse_nobody(make_envoy) -> None:
+    """A stream whose answers Envoy does not read holds its bytes; past the budget the host gives
+    that stream no more window (so the rest of its body waits on Envoy's side), and new streams
+    are still taken: held bytes never refuse anyone."""
     async with make_envoy(f"max_held_bytes = {2 * MiB}") as fake:
         admission = fake.servicer.admission
         release = asyncio.Event()
         chunks = [request_body(b"s" * MiB) for _ in range(64)]
         stalled = fake.stub.Process(_stalled([request_headers(route="default"), *chunks], release))
         # Nobody reads `stalled`: once the transport's windows are full, the host waits to send.
-        # Until then each answer is charged and released as gRPC takes it, so wait for the
-        # budget to stay full, not for one moment when it is. (With the builtin server the
-        # request messages waiting to be taken count too.)
         await _wait_for_steady(lambda: admission.held >= 2 * MiB, "a stalled answer holding the budget")
-        refused = await fake.converse([request_headers(route="default", end_of_stream=True)], settle=False)
-        assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "[server] max_held_bytes" in refused.details
+        held = admission.held
+        await asyncio.sleep(0.3)
+        assert admission.held <= held + MiB, "the host kept taking the stalled stream's body past the budget"
+        served = await fake.converse([request_headers(route="default", end_of_stream=True)], settle=False)
+        assert served.code == grpc.StatusCode.OK
         stalled.cancel()
         release.set()
         await _wait_for(lambda: admission.active == 0, "the stalled stream to end")
         assert admission.held == 0
-        assert admission.abnormal == 1  # cut mid-send: the upkeep will reclaim what it left
+        metrics = fake.servicer.router.metrics
+        assert value(metrics, "extproc_streams_refused_total", reason="max_held_bytes") == 0
+
+
+async def test_streams_are_refused_only_when_their_reservations_would_pass_the_budget(make_envoy) -> None:
+    reserve = STREAM_COST + 16 * 1024
+    async with make_envoy(f"max_held_bytes = {3 * reserve}") as fake:
+        admission = fake.servicer.admission
+        release = asyncio.Event()
+        open_streams = [fake.stub.Process(_stalled([request_headers(route="default")], release)) for _ in range(3)]
+        for call in open_streams:
+            await call.__aiter__().__anext__()  # its answer to the headers: the stream is open
+        assert admission.active == 3 and admission.budget.reserved == 3 * reserve
+        refused = await fake.converse([request_headers(route="default", end_of_stream=True)], settle=False)
+        assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "3 open streams reserve" in refused.details and "[server] max_held_bytes" in refused.details
+        for call in open_streams:
+            call.cancel()
+        release.set()
+        await _wait_for(lambda: admission.active == 0, "the open streams to end")
+        assert admission.budget.reserved == 0
         metrics = fake.servicer.router.metrics
         assert value(metrics, "extproc_streams_refused_total", reason="max_held_bytes") == 1
         served = await fake.converse([request_headers(route="default", end_of_stream=True)])

@@ -13,7 +13,7 @@ import grpc
 import pytest
 from google.protobuf.wrappers_pb2 import BytesValue
 
-from extproc_host.wire import BIDI, SERVER_STREAM, UNARY, Context, H2Server, StatusCode
+from extproc_host.wire import BIDI, SERVER_STREAM, UNARY, Context, H2Server, Limits, StatusCode
 from extproc_host.wire.http2.frames import GOAWAY
 
 ECHO = "/test.Echo/Echo"
@@ -179,11 +179,12 @@ async def test_garbage_closes_only_its_connection(served) -> None:
     assert answer.value == hashlib.sha256(b"still serving").digest()
 
 
-async def test_a_peer_that_does_not_read_is_not_read_either(served) -> None:
+async def test_a_peer_that_does_not_read_is_not_read_either() -> None:
     """A client that sends and never reads the answers (with windows wide open): the server
     stops reading once its answers back up, so what it holds for that connection stays bounded."""
-    server, _, _ = served
-    port = server.listeners[0].sockets[0].getsockname()[1]
+    server = H2Server(max_message_bytes=1 << 20, window_bytes=WINDOW, limits=Limits(initial_window=WINDOW))
+    server.add_method(ECHO, BIDI, Handlers().echo, BytesValue)
+    port = await server.listen("127.0.0.1", 0)
     message = BytesValue(value=b"q" * 60000).SerializeToString()  # within each stream's window
     frame = len(message) + 5
     block = _request_block(ECHO)
@@ -210,6 +211,7 @@ async def test_a_peer_that_does_not_read_is_not_read_either(served) -> None:
     (transport,) = server.connections
     held = transport.transport.get_write_buffer_size() + sum(map(len, transport.conn.out)) + server.budget.held
     sock.close()
+    await server.stop()
     assert sent < len(flood) / 2, "the server read the requests although its answers were not taken"
     assert held < 4 * 1024 * 1024, f"the server holds {held} bytes for the connection"
 
@@ -249,7 +251,8 @@ async def test_messages_cut_anywhere_across_frames_and_reads(cut: int) -> None:
     A cut under 16384 bytes is made ``cut`` bytes into each message (the rest of the message in
     one frame), so that no flood of tiny frames is needed to hit each boundary."""
     handlers = Handlers()
-    server = H2Server(max_message_bytes=8 * 1024 * 1024, window_bytes=1 << 20)
+    # The raw client sends without waiting for window: the first one is the whole 1 MiB.
+    server = H2Server(max_message_bytes=8 * 1024 * 1024, window_bytes=1 << 20, limits=Limits(initial_window=1 << 20))
     server.add_method(ECHO, BIDI, handlers.echo, BytesValue)
     port = await server.listen("127.0.0.1", 0)
     bodies = [b"a" * 100_000, b"", b"b" * 7, bytes(range(256)) * 300]
@@ -317,13 +320,15 @@ def _request_block(path: str) -> bytes:
 
 
 def _raw_call(path: str, frames: bytes) -> bytes:
-    """A client's bytes for one call on stream 1: preface, SETTINGS (1 GiB initial window), a
-    connection WINDOW_UPDATE as large, HEADERS for ``path``, then ``frames``."""
+    """A client's bytes for one call on stream 1: preface, SETTINGS (1 GiB initial window), the
+    server's SETTINGS acknowledged (without reading them), a connection WINDOW_UPDATE of 1 GiB,
+    HEADERS for ``path``, then ``frames``."""
     headers = _request_block(path)
     return (
         b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
         + bytes([0, 0, 6, 4, 0, 0, 0, 0, 0, 0, 4])
         + (1 << 30).to_bytes(4, "big")
+        + bytes([0, 0, 0, 4, 1, 0, 0, 0, 0])  # SETTINGS ACK: the server's window applies at once
         + bytes([0, 0, 4, 8, 0, 0, 0, 0, 0])
         + (1 << 30).to_bytes(4, "big")
         + len(headers).to_bytes(3, "big")

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from ..budget import Budget
 from ..http2.connection import Connection, Stream, logged
 from ..http2.fields import Request
 from ..http2.frames import CANCEL, REFUSED_STREAM
@@ -48,6 +49,36 @@ class Method:
     request_type: Any
 
 
+class Windows:
+    """The receive windows of one connection's calls: each stream starts with the connection's
+    first window and grows to ``target`` once its handler takes what arrived, if the budget has
+    room and the connection has not had half of it already (a runaway connection cannot take it
+    all). What a window grew by counts in the budget until the call ends."""
+
+    __slots__ = ("budget", "granted", "target")
+
+    def __init__(self, budget: Budget, target: int) -> None:
+        self.budget = budget
+        self.target = target
+        self.granted = 0
+
+    def grant(self, stream: Stream) -> int:
+        """How much ``stream``'s window grows now (0: it stays as it is)."""
+        grow = self.target - stream.window
+        if grow <= 0:
+            return 0
+        budget = self.budget
+        if budget.limit and (not budget.fits(grow) or self.granted + grow > budget.limit >> 1):
+            return 0
+        budget.take(grow)
+        self.granted += grow
+        return grow
+
+    def give_back(self, size: int) -> None:
+        self.budget.give(size)
+        self.granted -= size
+
+
 class AbortError(Exception):
     """Raised by :meth:`Context.abort`: the handler ends its call with ``code``."""
 
@@ -65,6 +96,7 @@ class Call:
         "deadline",
         "done_callback",
         "ended",
+        "grown",
         "headers_sent",
         "loop",
         "messages",
@@ -78,6 +110,7 @@ class Call:
         "undecodable",
         "waiter",
         "window_waiter",
+        "windows",
     )
 
     def __init__(
@@ -86,9 +119,12 @@ class Call:
         stream: Stream,
         request: Request,
         messages: Messages,
+        windows: Windows,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.conn = conn
+        self.windows = windows
+        self.grown = 0  # what this call's window grew by (counted in the budget)
         self.stream = stream
         self.request = request
         self.messages = messages
@@ -165,13 +201,18 @@ class Call:
             waiter.set_result(None)
 
     def credit(self) -> None:
-        """Give received bytes back to the peer's window, unless the held bytes are over the
-        budget: then once they are under it again."""
-        budget = self.messages.budget
-        if budget.over:
-            budget.wait(id(self), self.credit)
+        """Give received bytes back to the peer's window (growing it as :class:`Windows`
+        allows), unless the budget is reached: then once it is not."""
+        stream = self.stream
+        if stream.closed or stream.remote_closed:
             return
-        self.conn.credit(self.stream)
+        windows = self.windows
+        if windows.budget.over:
+            windows.budget.wait(id(self), self.credit)
+            return
+        grow = windows.grant(stream)
+        self.grown += grow
+        self.conn.credit(stream, grow)
 
     # -- sending -----------------------------------------------------------------------------
 
@@ -290,7 +331,10 @@ class Call:
 
     def _release(self) -> None:
         self.messages.release()
-        self.messages.budget.forget(id(self))
+        self.windows.budget.forget(id(self))
+        if self.grown:
+            self.windows.give_back(self.grown)
+            self.grown = 0
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

@@ -15,6 +15,7 @@ stream opened and reset in one read (the rapid reset attack) never costs a task.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import ssl
 from collections import deque
@@ -26,7 +27,7 @@ from ..http2.connection import Connection, Stream, logged
 from ..http2.fields import Request
 from ..http2.limits import Limits
 from ..transport import Sweeper, Transport
-from .call import AbortError, Call, Context, Method, Requests, parse_timeout
+from .call import AbortError, Call, Context, Method, Requests, Windows, parse_timeout
 from .messages import Messages
 from .status import StatusCode
 
@@ -41,10 +42,11 @@ class Dispatcher:
     """The gRPC side of one HTTP/2 connection (its :class:`Application`): a :class:`Call` per
     stream, handlers started in turn."""
 
-    __slots__ = ("queue", "running", "scheduled", "server")
+    __slots__ = ("queue", "running", "scheduled", "server", "windows")
 
     def __init__(self, server: H2Server) -> None:
         self.server = server
+        self.windows = Windows(server.budget, server.window_bytes)
         self.queue: deque[Call] = deque()  # calls waiting for their handler to start
         self.running = 0  # handler tasks not finished yet
         self.scheduled = False
@@ -56,6 +58,7 @@ class Dispatcher:
             stream,
             request,
             Messages(server.budget, server.max_message_bytes, request.grpc_encoding),
+            self.windows,
             server.loop,
         )
         content_type = request.content_type
@@ -123,8 +126,11 @@ class H2Server:
         budget: Budget | None = None,
     ) -> None:
         self.max_message_bytes = max_message_bytes
-        self.window_bytes = window_bytes
-        self.limits = limits or Limits()
+        self.window_bytes = window_bytes  # what each stream's window grows to (Windows)
+        limits = limits or Limits()
+        if limits.initial_window > window_bytes:  # the first window is never the larger
+            limits = dataclasses.replace(limits, initial_window=window_bytes)
+        self.limits = limits
         self.budget = budget or Budget()
         self.methods: dict[bytes, Method] = {}
         self.connections: set[Transport] = set()
@@ -139,7 +145,7 @@ class H2Server:
         self.methods[path.encode()] = Method(kind, handler, request_type)
 
     def _transport(self) -> Transport:
-        return Transport(lambda: Dispatcher(self), self.limits, self.window_bytes, self.connections)
+        return Transport(lambda: Dispatcher(self), self.limits, self.connections)
 
     async def listen(
         self,

@@ -142,6 +142,7 @@ class Stream:
         "recv_window",
         "remote_closed",
         "send_window",
+        "window",
     )
 
     def __init__(self, stream_id: int, send_window: int, recv_window: int) -> None:
@@ -149,6 +150,7 @@ class Stream:
         self.handler: StreamHandler | None = None
         self.send_window = send_window
         self.recv_window = recv_window  # what the peer may still send before a WINDOW_UPDATE
+        self.window = recv_window  # the receive window the host keeps giving back (grows: credit)
         self.recv_unacked = 0  # received and not yet given back
         self.remote_closed = False
         self.closed = False
@@ -160,12 +162,10 @@ class Stream:
 class Connection:
     """An HTTP/2 server connection's state machine (see the module's docstring)."""
 
-    def __init__(self, app: Application, limits: Limits, *, window_bytes: int, peer: str = "") -> None:
+    def __init__(self, app: Application, limits: Limits, *, peer: str = "") -> None:
         self.app = app
         self.limits = limits
         self.peer = peer
-        self.window_bytes = window_bytes  # each stream's receive window
-        self.credit_at = max(window_bytes // 4, 1)
         self.out: list[bytes | memoryview] = []
         self.wants_flush: Callable[[], None] = _nothing  # the transport: write ``out`` soon
         self.flush_now: Callable[[], None] = _nothing  # the transport: write ``out`` now
@@ -186,6 +186,9 @@ class Connection:
         self.block_end_stream = False
         self.block_self_dependent = False
         self.recv_window = CONNECTION_WINDOW
+        # A new stream's receive window: HTTP/2's default until the peer acknowledges the
+        # server's SETTINGS (it may send before it has read them), the server's own after.
+        self.recv_initial = DEFAULT_WINDOW
         # Writing.
         self.peer_initial_window = DEFAULT_WINDOW
         self.peer_max_frame = DEFAULT_FRAME
@@ -224,7 +227,7 @@ class Connection:
             settings_frame(
                 [
                     (MAX_CONCURRENT_STREAMS, limits.max_concurrent_streams),
-                    (INITIAL_WINDOW_SIZE, self.window_bytes),
+                    (INITIAL_WINDOW_SIZE, limits.initial_window),
                     (MAX_FRAME_SIZE, OWN_MAX_FRAME),
                     (MAX_HEADER_LIST_SIZE, limits.max_header_list_size),
                 ]
@@ -285,14 +288,17 @@ class Connection:
         self.write(rst_stream_frame(stream.id, code))
         self._forget(stream, RESET_SENT)
 
-    def credit(self, stream: Stream) -> None:
-        """Give the bytes received on ``stream`` back to the peer's window, once they are worth a
-        frame (a quarter of the window)."""
+    def credit(self, stream: Stream, grow: int = 0) -> None:
+        """Give the bytes received on ``stream`` back to the peer's window once they are worth a
+        frame (a quarter of the window), and ``grow`` the window by that much more."""
         unacked = stream.recv_unacked
-        if unacked >= self.credit_at and not stream.remote_closed and not stream.closed:
-            stream.recv_unacked = 0
-            stream.recv_window += unacked
-            self.write(window_update_frame(stream.id, unacked))
+        if stream.remote_closed or stream.closed or not (grow or unacked >= stream.window >> 2):
+            return
+        increment = unacked + grow
+        stream.recv_unacked = 0
+        stream.recv_window += increment
+        stream.window += grow
+        self.write(window_update_frame(stream.id, increment))
 
     def close(self, code: int = NO_ERROR, message: str = "") -> None:
         """End the connection: GOAWAY ``code`` naming the last stream the server took, every
@@ -571,7 +577,7 @@ class Connection:
             request = self.decoder.request(fields)
         except Malformed as exc:
             raise StreamFault(stream_id, PROTOCOL_ERROR, f"malformed request: {exc}") from None
-        stream = Stream(stream_id, self.peer_initial_window, self.window_bytes)
+        stream = Stream(stream_id, self.peer_initial_window, self.recv_initial)
         stream.content_length = request.content_length
         stream.remote_closed = end_stream
         if end_stream and request.content_length:
@@ -642,7 +648,13 @@ class Connection:
 
     def _settings(self, flags: int, payload: memoryview) -> None:
         pairs = read_settings(flags, payload)
-        if flags & ACK:
+        if flags & ACK:  # the server's SETTINGS apply from now on (the server sends one only)
+            delta = self.limits.initial_window - self.recv_initial
+            if delta:
+                self.recv_initial = self.limits.initial_window
+                for stream in self.streams.values():  # section 6.9.2: open windows move too
+                    stream.recv_window += delta
+                    stream.window += delta
             return
         self._spend(self.control, "SETTINGS frames")
         initial: int | None = None

@@ -24,6 +24,9 @@ class Limits:
     #: the most handlers that run at once for one connection (streams reset while their handler
     #: winds down wait for a slot: RFC 9113 section 10.5, the rapid reset attack).
     max_concurrent_streams: int = 1000
+    #: SETTINGS_INITIAL_WINDOW_SIZE: what a new stream may send before the server gives window
+    #: back (the layer above grows each stream's window from there as its budget allows).
+    initial_window: int = 16 * 1024
     #: SETTINGS_MAX_HEADER_LIST_SIZE: larger header blocks end the connection before decoding.
     max_header_list_size: int = 16 * 1024
     #: Seconds for a new connection to send its preface and SETTINGS.
