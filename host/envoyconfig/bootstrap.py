@@ -44,6 +44,7 @@ with warnings.catch_warnings():
         ClusterDiscoveryType,
         ClusterDnsLookupFamily,
     )
+    from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutationRules
     from envoy_data_plane.envoy.config.core.v3 import (
         Address,
         GrpcService,
@@ -63,7 +64,6 @@ with warnings.catch_warnings():
         LocalityLbEndpoints,
     )
     from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
-    from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutationRules
     from envoy_data_plane.envoy.config.route.v3 import (
         HeaderMatcher,
         Route,
@@ -97,7 +97,7 @@ with warnings.catch_warnings():
     from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher, StringMatcher
     from envoy_data_plane.envoy.type.v3 import Percent
     from envoy_data_plane.google.protobuf import Any as AnyMessage
-    from envoy_data_plane.google.protobuf import BoolValue, Struct
+    from envoy_data_plane.google.protobuf import Struct
 
 from .. import routes as host_routes
 from ..drain import UNHEALTHY_THRESHOLD
@@ -323,7 +323,7 @@ def _mutation_rules(rules: MutationRules) -> HeaderMutationRules:
     found = HeaderMutationRules()
     for name in ("allow_all_routing", "allow_envoy", "disallow_system", "disallow_all", "disallow_is_error"):
         if getattr(rules, name):
-            setattr(found, name, BoolValue(value=True))
+            setattr(found, name, True)
     if rules.allow_expression is not None:
         found.allow_expression = RegexMatcher(regex=rules.allow_expression)
     if rules.disallow_expression is not None:

@@ -99,19 +99,19 @@ def local_reply_headers(
 ) -> tuple[Pairs, bytes]:
     """The headers and body the client gets for Envoy's local reply: for a gRPC request a
     trailers-only gRPC answer (HTTP 200, the body in ``grpc-message``), else the status with
-    ``content-type: text/plain`` when there is a body and no content-type."""
-    given = [(k.lower(), v) for k, v in headers]
+    ``content-type: text/plain`` when there is a body and no content-type; a content-length."""
+    given = [(k.lower(), v) for k, v in headers if k.lower() != "content-length"]
     if grpc:
         code = grpc_status if grpc_status is not None else _GRPC_FOR_HTTP.get(status, 2)
         out = [(":status", "200"), ("content-type", "application/grpc"), ("grpc-status", str(code))]
         if body:
             out.append(("grpc-message", _percent_encoded(body)))
         names = {k for k, _ in out}
-        return out + [(k, v) for k, v in given if k not in names], b""
+        return [*out, *((k, v) for k, v in given if k not in names), ("content-length", "0")], b""
     out = [(":status", str(status))]
     if body and not any(k == "content-type" for k, _ in given):
         out.append(("content-type", "text/plain"))
-    return out + given, body
+    return [*out, *given, ("content-length", str(len(body)))], body
 
 
 def pick_route(routes: Sequence[Route], headers: Sequence[tuple[str, str]]) -> Route:
