@@ -13,6 +13,7 @@ and the plugin API's values, with no state and no I/O.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
 
 from envoy.config.core.v3 import base_pb2
@@ -210,9 +211,10 @@ def duration(seconds: float) -> duration_pb2.Duration:
 _SEND, _SKIP = processing_mode_pb2.ProcessingMode.SEND, processing_mode_pb2.ProcessingMode.SKIP
 
 
+@lru_cache(maxsize=256)
 def processing_mode(modes: RouteModes) -> processing_mode_pb2.ProcessingMode:
     """The ProcessingMode of a mode override setting ``modes`` (every field explicit: Envoy
-    compares it with the filter's allowed_override_modes)."""
+    compares it with the filter's allowed_override_modes); built once per modes, copy it."""
     return processing_mode_pb2.ProcessingMode(
         request_header_mode=_SEND,
         response_header_mode=_SEND if modes.response_headers else _SKIP,

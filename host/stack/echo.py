@@ -58,7 +58,9 @@ async def _bytes(request: web.Request, n: int) -> web.StreamResponse:
 
 async def _inspect(request: web.Request) -> web.StreamResponse:
     body = await request.content.read()
-    headers = [(name.decode("latin-1"), value.decode("utf-8", "surrogateescape")) for name, value in request.raw_headers]
+    headers = [
+        (name.decode("latin-1"), value.decode("utf-8", "surrogateescape")) for name, value in request.raw_headers
+    ]
     report = inspect_report(request.method, request.path_qs, headers, body)
     return web.Response(body=report, content_type="application/json")
 

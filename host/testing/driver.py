@@ -500,9 +500,13 @@ class PluginRunner:
         self._setup(host, "default")
 
     @classmethod
-    def from_settings(cls, settings: str | Path | Mapping[str, Any], route: str = "default") -> PluginRunner:
+    def from_settings(
+        cls, settings: str | Path | Mapping[str, Any], route: str = "default", *, plugins: Sequence[type[Plugin]] = ()
+    ) -> PluginRunner:
         """A runner for one route of a settings file (or of a dict shaped like one), loaded as
-        ``extproc-host serve`` loads it: installed plugins, ``plugin_modules``, the environment."""
+        ``extproc-host serve`` loads it: installed plugins, ``plugin_modules``, the environment;
+        ``plugins``: more plugin classes, as if installed. With the whole route table: a chain
+        that re-routes ends on the route Envoy would pick (:attr:`Exchange.route`)."""
         if isinstance(settings, Mapping):
             source = "settings"
             try:
@@ -512,7 +516,7 @@ class PluginRunner:
         else:
             source = str(settings)
             loaded = load_settings(settings)
-        host = assemble_host(loaded, source)
+        host = assemble_host(loaded, source, extra=plugins)
         if route not in host.routes:
             raise ConfigError(f"{source}: no route named '{route}'; routes: {', '.join(host.routes)}")
         runner = cls.__new__(cls)
