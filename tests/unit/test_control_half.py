@@ -7,13 +7,29 @@ settings (tests/e2e/test_kit_matches_envoy.py checks the two side by side)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 
+import grpc
 import pytest
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from google.protobuf import struct_pb2
 
 from extproc_host import Headers, Needs, Plugin, Reject, hookimpl
 from extproc_host.errors import ConfigError
+from extproc_host.listeners import Listener, parse_address
+from extproc_host.processor import Router
+from extproc_host.protocol import plain_struct
+from extproc_host.registry import assemble_host
+from extproc_host.server import ExternalProcessor, make_server
+from extproc_host.settings import Settings
 from extproc_host.testing import PluginRunner, request, response
+
+from .fake_envoy import NONE, STREAMED, FakeEnvoy, request_headers, response_headers
+
+SKIP = processing_mode_pb2.ProcessingMode.SKIP
 
 STREAMING = ["FULL_DUPLEX_STREAMED", "STREAMED"]
 
@@ -408,3 +424,85 @@ def test_a_plugin_asks_envoy_for_more_time(plugin_runner) -> None:
     assert "routes.default.max_message_timeout" in str(too_long.close_error)
     # Without a max_message_timeout a plugin may not ask at all.
     assert plugin_runner(Slow).exchange(request()).failed is not None
+
+
+# -- through the host's gRPC server, as Envoy talks to it ------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def served(settings: dict, *plugins: type[Plugin]) -> AsyncIterator[FakeEnvoy]:
+    """The host's server for ``settings`` (routes with their modes and control, as serve
+    builds them) and a client playing Envoy."""
+    host = assemble_host(Settings(**settings), "test", extra=plugins)
+    servicer = ExternalProcessor(Router(host.routes), host.pm)
+    server = make_server(host.settings, servicer)
+    port = int((await Listener(parse_address("127.0.0.1:0")).start(server)).rpartition(":")[2])
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield FakeEnvoy(port, channel, servicer)
+    finally:
+        await channel.close()
+        await server.stop(None)
+        await servicer.drain()
+        servicer.upkeep.stop()
+
+
+def with_attributes(req, **values):
+    attrs = struct_pb2.Struct()
+    attrs.update(values)
+    req.attributes["envoy.filters.http.ext_proc"].CopyFrom(attrs)
+    return req
+
+
+async def test_the_host_keeps_the_attributes_of_every_message() -> None:
+    settings = {"routes": {"default": {"chain": ["who"]}}}
+    async with served(settings, Who) as envoy:
+        first = with_attributes(
+            request_headers("/", request_mode=NONE, response_mode=NONE, end_of_stream=True),
+            **{"xds.route_name": "default", "source.address": "10.1.2.3:4444"},
+        )
+        later = with_attributes(response_headers(end_of_stream=True), **{"response.code": 404.0})
+        conversation = await envoy.converse([first, later])
+    (answer,) = conversation.of("response_headers")
+    set_headers = {
+        o.header.key: o.header.raw_value.decode() for o in answer.response_headers.response.header_mutation.set_headers
+    }
+    assert set_headers["x-code-seen"] == "404"
+    assert set_headers["x-attributes"] == "response.code,source.address,xds.route_name"
+    metadata = [plain_struct(r.dynamic_metadata) for r in conversation.responses if r.HasField("dynamic_metadata")]
+    assert metadata == [{"test.who": {"client": "10.1.2.3:4444"}}, {"test.who": {"code": 404}}]
+
+
+async def test_the_mode_override_says_every_mode() -> None:
+    settings = {"routes": {"default": {"chain": ["json-only"], "allow_mode_override": True}}}
+    async with served(settings, JsonOnly) as envoy:
+        conversation = await envoy.converse(
+            [
+                request_headers("/", request_mode=STREAMED, response_mode=NONE, extra={"content-type": "text/plain"}),
+                response_headers(end_of_stream=True),
+            ]
+        )
+    (answer,) = conversation.of("request_headers")
+    mode = answer.mode_override
+    assert (mode.request_body_mode, mode.response_body_mode) == (NONE, NONE)
+    assert (mode.request_trailer_mode, mode.response_header_mode, mode.response_trailer_mode) == (SKIP, SKIP, SKIP)
+    assert conversation.code == grpc.StatusCode.OK  # no request body came: the exchange is complete
+
+
+async def test_more_time_goes_out_while_the_hook_still_works() -> None:
+    class Waits(Plugin):
+        name = "waits"
+
+        async def on_request_headers(self, headers: Headers) -> None:
+            self.stream.extend_timeout(7.5)
+            await asyncio.sleep(0.05)
+            headers.set("x-done", "1")
+
+    settings = {"routes": {"default": {"chain": ["waits"], "max_message_timeout": 10}}}
+    async with served(settings, Waits) as envoy:
+        conversation = await envoy.converse(
+            [request_headers("/", request_mode=NONE, response_mode=NONE, end_of_stream=True)]
+        )
+    first, second = conversation.responses
+    assert first.WhichOneof("response") is None and first.override_message_timeout.ToMilliseconds() == 7500
+    assert second.HasField("request_headers")
