@@ -1,13 +1,13 @@
 -- wrk script for mixed traffic: every MIXED_EVERY-th request (default 10) is a JSON POST of
 -- MIXED_JSON_BYTES bytes (a valid JSON document; default 1024), the others octet-stream POSTs
--- of MIXED_BODY_BYTES bytes (default 262144).
+-- of MIXED_BODY_BYTES bytes (default 1048576).
 --
 --   wrk -t2 -c50 -d10s -s benchmarks/mixed.lua http://127.0.0.1:18080/
 --
 -- At the end it prints one line "WRK_RESULT {json}", as post.lua does.
 
 local json_size = tonumber(os.getenv("MIXED_JSON_BYTES") or "1024")
-local size = tonumber(os.getenv("MIXED_BODY_BYTES") or "262144")
+local size = tonumber(os.getenv("MIXED_BODY_BYTES") or "1048576")
 local every = tonumber(os.getenv("MIXED_EVERY") or "10")
 local counter = 0
 

@@ -14,8 +14,8 @@ rules, route cache action, mode overrides (and the filter's own processing mode,
 be FULL_DUPLEX_STREAMED for them), message timeouts, observability mode. Routes that differ in
 those get a filter each (as Envoy Gateway gives each ext_proc policy one), enabled on those
 routes only: ``envoy.filters.http.ext_proc`` for the routes like ``default``,
-``envoy.filters.http.ext_proc.observe`` for observe-only routes,
-``envoy.filters.http.ext_proc.<route>`` for the others.
+``envoy.filters.http.ext_proc.observe`` for observe-only routes (``.observe.<route>`` for
+observers with other options), ``envoy.filters.http.ext_proc.<route>`` for the others.
 
 envoy-data-plane takes a moment to import: only this command imports this module.
 """
@@ -286,7 +286,9 @@ def ext_proc_filters(ordered: Sequence[host_routes.Route], message_timeout: floa
         options = FilterOptions.of(route, message_timeout)
         found = filters.get(options)
         if found is None:
-            name = EXT_PROC_OBSERVE_FILTER if options.observe else f"{EXT_PROC_FILTER}.{route.name}"
+            base = EXT_PROC_OBSERVE_FILTER if options.observe else EXT_PROC_FILTER
+            first = options.observe and not any(f.options.observe for f in filters.values())
+            name = base if first else f"{base}.{route.name}"
             found = filters[options] = ExtProcFilter(name, options)
         found.routes.append(route)
     return list(filters.values())
