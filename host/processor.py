@@ -195,7 +195,7 @@ class StreamProcessor:
     control: RouteControl = NO_CONTROL  # the route's
     forwards: bool = False  # the route forwards dynamic metadata: read it from every message
     extends: bool = False  # plugins may ask for more time: answers go through _answer_extended
-    pending_metadata: dict[str, dict[str, Any]] = field(default_factory=dict)  # for the next answer
+    pending_metadata: dict[str, dict[str, Any]] | None = None  # for the next answer
     skips: Skips = (False, False)  # the bodies a mode override sent so far skips
     skip_changed: bool = False  # a plugin skipped a body since the last header answer
     early: asyncio.Queue[pb.ProcessingResponse] | None = None  # override_message_timeout to send now
@@ -279,8 +279,8 @@ class StreamProcessor:
             if kind is not None and first is CONTINUE[kind][0]:  # shared: answer with a fresh one
                 first = pb.ProcessingResponse()
                 getattr(first, kind).SetInParent()
-            first.dynamic_metadata.CopyFrom(metadata_struct(self.pending_metadata))
-            self.pending_metadata = {}
+            first.dynamic_metadata.CopyFrom(metadata_struct(self.pending_metadata or {}))
+            self.pending_metadata = None
             return (first, *answers[1:])
         return self._stream_with_metadata(answers)
 
@@ -290,7 +290,7 @@ class StreamProcessor:
         async for answer in answers:
             if self.pending_metadata:
                 answer.dynamic_metadata.CopyFrom(metadata_struct(self.pending_metadata))
-                self.pending_metadata = {}
+                self.pending_metadata = None
             yield answer
 
     # -- what plugins ask of the host (StreamControl) -----------------------------------
@@ -311,6 +311,8 @@ class StreamProcessor:
                 f"it): declare it in the plugin's Needs(writes_metadata=...) or add it to "
                 f"routes.{route}.receiving_namespaces"
             )
+        if self.pending_metadata is None:
+            self.pending_metadata = {}
         self.pending_metadata.setdefault(namespace, {}).update(values)
 
     def extend_timeout(self, seconds: float) -> None:

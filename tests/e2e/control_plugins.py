@@ -34,6 +34,15 @@ class Seen(Plugin):
         headers.set("x-seen-metadata", json.dumps(self.stream.metadata, sort_keys=True))
 
 
+class Marker(Plugin):
+    """Sets the header the canary route matches on, without declaring that it re-routes."""
+
+    name = "marker"
+
+    def on_request_headers(self, headers: Headers) -> None:
+        headers.set("x-upstream", "canary")
+
+
 class HeaderOps(Plugin):
     """Every header operation: add, setdefault, replace, set (empty too), remove; a :path
     rewrite (allowed by default), an :authority and an x-envoy-* change (dropped by Envoy
@@ -108,5 +117,5 @@ class Digest(Plugin):
 
 @hookimpl
 def register_plugins(register) -> None:
-    for cls in (Seen, HeaderOps, Routing, Mock, Upper, Digest):
+    for cls in (Seen, Marker, HeaderOps, Routing, Mock, Upper, Digest):
         register(cls)

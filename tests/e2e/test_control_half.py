@@ -47,10 +47,24 @@ path_prefix = "/json"
 allow_mode_override = true
 buffer_limit_bytes = 1048576
 
+# The same, on a filter of its own (another message timeout) whose allow_mode_override the
+# test turns off in Envoy's config: Envoy then ignores the host's mode overrides.
+[routes.json-ignored]
+chain = ["jsonguard"]
+path_prefix = "/ignored"
+allow_mode_override = true
+buffer_limit_bytes = 1048576
+message_timeout = 4.0
+
 [routes.canary]
 chain = ["canary"]
 match_headers = { "x-upstream" = "canary" }
 upstream = "canary"
+
+# A chain that sets the header the canary route matches on, but does not re-route.
+[routes.marked]
+chain = ["marker"]
+match_headers = { "x-mark" = "1" }
 
 [routes.default]
 chain = ["canary"]
@@ -63,24 +77,26 @@ percent = 0
 users = ["alice"]
 """
 
-#: The filter before ext_proc: x-tenant goes into dynamic metadata, namespace acme.tenant.
+#: The filter before ext_proc: x-tenant goes into dynamic metadata, namespace acme.tenant (which
+#: the seen plugin reads), x-secret into acme.secret (which no route forwards).
 HEADER_TO_METADATA = {
     "name": "envoy.filters.http.header_to_metadata",
     "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.header_to_metadata.v3.Config",
         "request_rules": [
-            {
-                "header": "x-tenant",
-                "on_header_present": {"metadata_namespace": "acme.tenant", "key": "id", "type": "STRING"},
-            }
+            {"header": name, "on_header_present": {"metadata_namespace": namespace, "key": "id", "type": "STRING"}}
+            for name, namespace in (("x-tenant", "acme.tenant"), ("x-secret", "acme.secret"))
         ],
     },
 }
 
 
-def add_earlier_filter(config: dict[str, Any]) -> None:
+def edit_envoy(config: dict[str, Any]) -> None:
+    """The earlier filter, and no mode overrides on the json-ignored route's filter."""
     manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     manager["http_filters"].insert(0, HEADER_TO_METADATA)
+    (ignoring,) = [f for f in manager["http_filters"] if f["name"] == "envoy.filters.http.ext_proc.json-ignored"]
+    ignoring["typed_config"]["allow_mode_override"] = False
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +116,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, access_log: Path) -> Iterato
         upstreams=["canary"],
         envoy_config_args=["--access-log", str(access_log)],
         envoy_args=["--file-flush-interval-msec", "50"],  # the log reaches the file at once
-        envoy_edit=add_earlier_filter,
+        envoy_edit=edit_envoy,
     ) as running:
         yield running
 
@@ -132,8 +148,9 @@ def test_the_access_log_line_carries_the_metadata_a_plugin_set(stack: Stack, acc
 
 
 def test_metadata_an_earlier_filter_set_reaches_the_plugin_with_both_directions_attributes(stack: Stack) -> None:
-    reply = httpx.post(stack.url + "/seen/x", content=b"hi", headers={"x-tenant": "acme-7"})
+    reply = httpx.post(stack.url + "/seen/x", content=b"hi", headers={"x-tenant": "acme-7", "x-secret": "s3"})
     assert reply.status_code == 200
+    # Only the namespace the route forwards: acme.secret is in Envoy's metadata too.
     assert reply.headers["x-seen-metadata"] == json.dumps({"acme.tenant": {"id": "acme-7"}})
     # The request's attributes came with the request headers, the response's with the response headers.
     host, _, port = reply.headers["x-seen-source"].rpartition(":")
@@ -172,6 +189,32 @@ def test_a_body_the_chain_skips_never_reaches_the_host(stack: Stack) -> None:
     assert bad.status_code == 400
 
 
+def test_envoy_ignores_a_mode_override_its_filter_does_not_allow_and_the_host_copes(stack: Stack) -> None:
+    assert stack.metrics_url is not None
+
+    def body_bytes() -> float:
+        samples = scrape(stack.metrics_url)
+        return sample(samples, "extproc_body_bytes_total", route="json-ignored", direction="request", way="in")
+
+    before = body_bytes()
+    image = os.urandom(50_000)
+    reply = httpx.post(stack.url + "/ignored/upload", content=image, headers={"content-type": "image/png"}, timeout=30)
+    assert reply.status_code == 200 and reply.content == image
+    # The host asked Envoy to skip the body; this filter does not allow overrides, so Envoy sent
+    # it anyway, and the host passed it through untouched.
+    wait_until(lambda: body_bytes() == before + len(image), 10, "the host to count the body Envoy sent")
+
+
+def test_a_header_change_re_routes_only_when_the_route_cache_is_cleared(stack: Stack) -> None:
+    # Envoy picked "marked" before ext_proc ran; its chain sets x-upstream: canary but does not
+    # declare it re-routes, so Envoy keeps the route (and its upstream)...
+    kept = httpx.post(stack.url + "/", content=b"x", headers={"x-mark": "1"})
+    assert (kept.status_code, kept.headers["x-upstream"]) == (200, "upstream")
+    # ...where the canary plugin, which declares it, gets Envoy to pick again.
+    moved = httpx.post(stack.url + "/", content=b"x", headers={"x-user": "alice"})
+    assert (moved.status_code, moved.headers["x-upstream"]) == (200, "canary")
+
+
 def test_a_grpc_client_gets_the_plugins_grpc_status(stack: Stack) -> None:
     target = stack.url.removeprefix("http://")
     with grpc.insecure_channel(target) as channel:
@@ -191,6 +234,7 @@ def test_the_generated_config_gives_routes_with_their_own_filter_options_a_filte
     assert names == [
         "envoy.filters.http.header_to_metadata",
         "envoy.filters.http.ext_proc",
+        "envoy.filters.http.ext_proc.json-ignored",
         "envoy.filters.http.ext_proc.auth",
         "envoy.filters.http.ext_proc.json",
         "envoy.filters.http.ext_proc.seen",

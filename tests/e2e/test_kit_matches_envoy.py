@@ -87,6 +87,10 @@ chain = ["canary"]
 match_headers = { "x-upstream" = "canary" }
 upstream = "canary"
 
+[routes.marked]
+chain = ["marker"]
+match_headers = { "x-mark" = "1" }
+
 [routes.default]
 chain = ["canary"]
 
@@ -272,6 +276,7 @@ CASES = [
     ("refused gRPC", "auth", "POST", "/auth/inspect", {"content-type": "application/grpc"}, b"\0\0\0\0\0"),
     ("re-routed to the canary", "default", "POST", "/inspect", {"x-user": "alice"}, b"hi"),
     ("not re-routed", "default", "POST", "/inspect", {"x-user": "bob", "x-upstream": "canary"}, b"hi"),
+    ("a routing header without re-routing", "marked", "POST", "/inspect", {"x-mark": "1"}, b"hi"),
     ("body skipped", "json", "POST", "/json/inspect", {"content-type": "image/png"}, b"\x89PNG" * 100),
     ("JSON taken whole", "json", "POST", "/json/inspect", {"content-type": "application/json"}, b'{"a": [1, 2]}'),
     ("malformed JSON", "json", "POST", "/json/inspect", {"content-type": "application/json"}, b'{"a": '),
