@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: constraints venv demo test lint test-unit test-e2e bench bench-plugins bench-workers bench-metrics bench-modes bench-storm bench-observe envoy-configs clean
+.PHONY: constraints venv demo test lint test-unit test-e2e bench bench-mixed bench-plugins bench-workers bench-metrics bench-modes bench-storm bench-observe envoy-configs clean
 
 venv: $(STAMP)
 
@@ -40,9 +40,14 @@ test-e2e: venv
 	$(VENV)/bin/python -m pytest -q -ra tests/e2e
 
 ## make bench: side-by-side benchmark (direct Envoy, minimal passthrough, host, and the host on grpc.aio): uploads, wrk small requests with server CPU
-## per request, open-loop latency at 200 and 800 req/s; needs wrk (apt-get install wrk).
+## per request, open-loop latency at 200 and 800 req/s; then mixed traffic (bench-mixed); needs wrk (apt-get install wrk).
 bench: venv
 	$(VENV)/bin/python benchmarks/run.py --plugin host-grpcio=benchmarks/grpcio.toml $(ARGS)
+	$(VENV)/bin/python benchmarks/mixed.py $(MIXED_ARGS)
+
+## make bench-mixed: 1 in 10 requests JSON: a JSON-only plugin skipping the other bodies (mode override) vs routes that get every body.
+bench-mixed: venv
+	$(VENV)/bin/python benchmarks/mixed.py $(MIXED_ARGS)
 
 ## make bench-plugins: uploads through the host with passthrough vs with file_tee, zstd and replace.
 bench-plugins: venv

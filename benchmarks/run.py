@@ -5,6 +5,7 @@
     make bench ARGS="--only upload --setups minimal,host"
     make bench-plugins                                  # host vs host + file_tee / zstd / replace
     make bench-workers                                  # host with 1 worker vs --workers 2
+    make bench ARGS="--baseline main --setups host"     # this checkout's host vs main's, same load
 
 Setups (:mod:`setups`; each on its own fresh stack of echo upstream + ext_proc server + Envoy,
 ephemeral ports):
@@ -15,6 +16,8 @@ ephemeral ports):
            CONFIG: a plugin setup, compared with `host` in a table of its own. What the config's
            chains use decides what the benchmark provides (see HostSetup): file_tee gets a
            fresh tee directory per stack, replace gets the upload file as its response_file.
+  base     (--baseline REV) the host setup served by git revision REV's code (host/, plugins/),
+           compared with `host`: what a change costs or saves, in one run.
   host-wN  (--host-workers N, comma-separated) the host setup's config run with --workers N,
            compared with `host`. Envoy keeps one HTTP/2 connection per worker thread to a
            cluster, and SO_REUSEPORT spreads connections, not streams: with --host-workers every
@@ -71,6 +74,7 @@ from setups import (
     SETUPS,
     WORKER_STREAMS_PER_CONNECTION,
     HostSetup,
+    extract_revision,
     generate_envoy_configs,
     make_stack,
 )
@@ -164,6 +168,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="run each extproc-host setup behind the Envoy config `extproc-host envoy-config` generates from "
         "its settings file, instead of envoy/full_duplex.yaml",
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="add a setup `base`: the host setup served by git revision REV's code, compared with `host`",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument(
         "--no-install", action="store_true", help="do not try to apt-get install wrk when it is missing"
@@ -203,6 +212,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             base = args.host_setups["host"]
             args.host_setups[name] = dataclasses.replace(base, name=name, workers=int(text))
             args.setups.append(name)
+    if args.baseline:
+        args.host_setups["base"] = dataclasses.replace(args.host_setups["host"], name="base")
+        args.setups.append("base")
     args.split_connections = bool(args.host_workers.strip())
     args.plugin_setups = [name for name in args.setups if name not in SETUPS]
     if args.plugin_setups and "host" not in args.setups:
@@ -366,6 +378,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         upload = upload_file(tmp, size) if needs_file else None
         if args.generate_envoy:
             generate_envoy_configs(used_hosts, tmp)
+        if args.baseline:
+            used_hosts["base"].code = extract_revision(args.baseline, tmp / "baseline")
         runs = run_all(args, wrk, upload)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

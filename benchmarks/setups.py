@@ -3,7 +3,9 @@
 - ``direct``: envoy/direct.yaml, no ext_proc filter, Envoy -> echo (the ceiling);
 - ``minimal``: envoy/full_duplex.yaml -> benchmarks/minimal_passthrough.py (the bar);
 - ``host`` and plugin or worker setups: envoy/full_duplex.yaml (or the Envoy config generated
-  from the setup's settings) -> extproc-host with a :class:`HostSetup`'s settings file.
+  from the setup's settings) -> extproc-host with a :class:`HostSetup`'s settings file;
+- ``base`` (``--baseline REV``): the ``host`` setup served by the code of another git revision
+  (:func:`extract_revision`), to measure a change against what it changes.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class HostSetup:
     envoy_config: Path | None = None
     #: The settings load plugin modules from this checkout ([server] plugin_modules).
     loads_modules: bool = False
+    #: Serve with the code found here (extract_revision) instead of the installed package's.
+    code: Path | None = None
 
     @classmethod
     def load(cls, name: str, config: str | os.PathLike[str]) -> HostSetup:
@@ -126,7 +130,29 @@ def make_stack(
     if host.loads_modules:
         env["PYTHONPATH"] = str(ROOT)  # plugin_modules such as benchmarks.response_plugins
     envoy_config = host.envoy_config or "envoy/full_duplex.yaml"
+    if host.code is not None:  # another revision's code: its packages first on the import path
+        start = (
+            f"import sys; sys.path.insert(0, {str(host.code)!r}); from extproc_host.cli import main; sys.exit(main())"
+        )
+        command = [sys.executable, "-c", start, "--config", str(host.config), "--listen", "127.0.0.1:0"]
+        return Stack(envoy_config, host_command=[*command, *common.pop("host_args", [])], host_env=env, **common)
     return Stack(envoy_config, host_config=host.config, host_env=env, **common)
+
+
+def extract_revision(revision: str, directory: Path) -> Path:
+    """The host and the built-in plugins of git ``revision``, extracted under ``directory`` and
+    importable as ``extproc_host`` and ``extproc_host_plugins`` from the returned path."""
+    tree = directory / "tree"
+    tree.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "host", "plugins"], capture_output=True)
+    if archive.returncode != 0:
+        raise SystemExit(f"--baseline {revision}: git archive failed: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    site = directory / "site"
+    site.mkdir()
+    (site / "extproc_host").symlink_to(tree / "host")
+    (site / "extproc_host_plugins").symlink_to(tree / "plugins")
+    return site
 
 
 def generate_envoy_configs(host_setups: Mapping[str, HostSetup], directory: Path) -> None:

@@ -3,7 +3,11 @@
 Body bytes go through the plugins in the route's order, each one's output feeding the next
 (as httpx chains its decoders). At the end of a body each plugin's flush is fed through the
 plugins after it before they flush in turn. Only plugins that override a hook are called for
-it, so a chain of plugins that leave bodies alone moves bytes without touching them.
+it, so a chain of plugins that leave bodies alone moves bytes without touching them. A plugin
+that skipped a body (``Plugin.skip_body``) is left out of that body's stages for its stream.
+
+A header hook that returns bytes replaces the body after those headers: the new body goes
+through the body hooks of the plugins after it, as one whole body.
 """
 
 from __future__ import annotations
@@ -105,16 +109,22 @@ def _as_bytes(value: Any, plugin: str, hook: str) -> bytes:
     raise PluginError(plugin, hook, TypeError(f"returned {type(value).__name__}, expected bytes"))
 
 
+#: Body stages of one direction: (link index, body hook async?|None, end hook async?|None).
+Stages = tuple[tuple[int, bool | None, bool | None], ...]
+
+
 class Chain:
     """The plugin instances of one stream, in route order."""
 
-    __slots__ = ("_closed", "info", "plan", "plugins", "timers")
+    __slots__ = ("_closed", "info", "plan", "plugins", "stages", "timers")
 
     def __init__(self, plan: ChainPlan, info: StreamInfo, timers: dict[tuple[str, str], Any] | None = None) -> None:
         """``timers``: ``{(plugin name, hook): metrics.HookTimer}`` to time every hook call, or None."""
         self.plan = plan
         self.info = info
         self.timers = timers
+        #: Body stages per direction for this stream: the plan's, less the skipped plugins.
+        self.stages: dict[str, Stages] = plan.body_stages
         self.plugins: list[Plugin] = []
         self._closed = False
         for link in plan.route.chain:
@@ -123,10 +133,37 @@ class Chain:
             except Exception as exc:
                 raise PluginError(link.info.name, "__init__", exc) from exc
 
-    async def headers(self, hook: str, headers: Headers) -> None:
-        """Run a header or trailer hook of every plugin that has it, in order."""
+    async def headers(self, hook: str, headers: Headers) -> tuple[int, bytes] | None:
+        """Run a header or trailer hook of every plugin that has it, in order. Returns the
+        last body a header hook returned, with the index of its plugin, or None."""
+        replaced: tuple[int, bytes] | None = None
         for index, is_async in self.plan.calls.get(hook, ()):
-            await self._invoke(self.plugins[index], hook, is_async, headers)
+            result = await self._invoke(self.plugins[index], hook, is_async, headers)
+            if result is not None:
+                replaced = (index, _as_bytes(result, self.plugins[index].name, hook))
+        return replaced
+
+    def skip(self, plugin: Plugin, direction: str) -> bool:
+        """Leave ``plugin`` out of this stream's ``direction`` body; whether any plugin with
+        hooks for that body is left."""
+        index = next(i for i, p in enumerate(self.plugins) if p is plugin)
+        kept = tuple(stage for stage in self.stages[direction] if stage[0] != index)
+        self.stages = {**self.stages, direction: kept}
+        return bool(kept)
+
+    async def replacement(self, direction: str, after: int, body: bytes) -> bytes:
+        """A body a header hook of link ``after`` returned, fed as one whole body through the
+        ``direction`` body hooks of the plugins after it; their output, joined."""
+        stages = self.stages[direction]
+        later = {**self.stages, direction: tuple(stage for stage in stages if stage[0] > after)}
+        kept, self.stages = self.stages, later
+        try:
+            out = await self.body(direction, body, True)
+        finally:
+            self.stages = kept
+        if isinstance(out, bytes):
+            return out
+        return b"".join([piece async for piece in out])
 
     async def _invoke(self, plugin: Plugin, hook: str, is_async: bool, *args: Any) -> Any:
         """Call one hook (timed when the chain has timers); its error becomes a PluginError."""
@@ -148,7 +185,7 @@ class Chain:
         """
         body_hook, end_hook = BODY_HOOKS[direction]
         data = chunk
-        stages = self.plan.body_stages[direction]
+        stages = self.stages[direction]
         for position, (index, body_async, end_async) in enumerate(stages):
             plugin = self.plugins[index]
             if data and body_async is not None:
@@ -174,7 +211,7 @@ class Chain:
         self, direction: str, position: int, pieces: AsyncIterator[bytes], end: bool, ended: bool = False
     ) -> AsyncIterator[bytes]:
         """The rest of the chain from stage ``position`` on, as generators fed piece by piece."""
-        stages = self.plan.body_stages[direction]
+        stages = self.stages[direction]
         index, _, end_async = stages[position]
         stream = self._stage(direction, self.plugins[index], None, None if ended else end_async, pieces, end)
         for index, body_async, end_async in stages[position + 1 :]:

@@ -18,6 +18,7 @@ from .errors import ConfigError
 from .listeners import ListenAddress, parse_address
 from .modes import RouteModes
 from .registry import load_host
+from .routes import Route
 from .settings import parse_listen
 
 
@@ -99,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     echo.add_argument(
         "--http2", action="store_true", help="serve HTTP/2 with prior knowledge (h2c) and HTTP/1.1, with hypercorn"
     )
+    echo.add_argument("--tag", metavar="NAME", help="add x-upstream: NAME to every answer (HTTP/1.1 echo only)")
     echo.set_defaults(handler=_echo)
     demo = sub.add_parser(
         "demo",
@@ -243,13 +245,44 @@ def _check(args: argparse.Namespace) -> int:
     settings, routes = host.settings, host.routes
     for name, route in routes.items():
         chain = " -> ".join(link.info.name for link in route.chain)
-        where = f" (path prefix {route.path_prefix})" if route.path_prefix else ""
+        matches = [f"path prefix {route.path_prefix}"] if route.path_prefix else []
+        matches += [f"{header}: {value}" for header, value in route.match_headers]
+        where = f" ({', '.join(matches)})" if matches else ""
+        to = f" to {route.upstream}" if route.upstream != "upstream" else ""
         # An observe-only route is off the data path: Envoy fails open whatever the policy says.
         policy = "observe only: failures never reach the client" if host.modes[name].observe else route.failure_policy
-        print(f"route {name}{where}: {chain} [{policy}]")
+        print(f"route {name}{where}{to}: {chain} [{policy}]")
         print(f"  Envoy sends: {describe_modes(host.modes[name])}")
+        control = describe_control(route)
+        if control and not host.modes[name].disabled:
+            print(f"  also: {control}")
     print(f"{args.config}: OK, listen {settings.server.listen}")
     return 0
+
+
+def describe_control(route: Route) -> str:
+    """What a route exchanges with the host besides the messages, or "" (``check``)."""
+    control = route.control
+    parts = []
+    extra = [name for name in control.request_attributes if name != "xds.route_name"]
+    if extra or control.response_attributes:
+        parts.append(f"attributes {', '.join([*extra, *control.response_attributes])}")
+    if control.forwarding_namespaces:
+        parts.append(f"metadata forwarded {', '.join(control.forwarding_namespaces)}")
+    if control.receiving_namespaces:
+        parts.append(f"metadata received {', '.join(control.receiving_namespaces)}")
+    if control.mutation_rules is not None:
+        rules = control.mutation_rules.model_dump(exclude_defaults=True)
+        parts.append("mutation rules " + ", ".join(f"{k} = {v}" for k, v in rules.items()))
+    if control.route_cache_action != "DEFAULT":
+        parts.append(f"route cache {control.route_cache_action}")
+    if control.override_modes:
+        parts.append("mode overrides allowed")
+    if control.message_timeout is not None:
+        parts.append(f"message timeout {control.message_timeout:g} s")
+    if control.max_message_timeout:
+        parts.append(f"plugins may ask for up to {control.max_message_timeout:g} s")
+    return "; ".join(parts)
 
 
 def describe_modes(modes: RouteModes) -> str:
@@ -297,8 +330,10 @@ def _echo(args: argparse.Namespace) -> int:
         parse_listen(args.listen)
     except ValueError as exc:
         raise ConfigError(f"--listen: {exc}") from None
+    if args.tag is not None and args.http2:
+        raise ConfigError("--tag: only the HTTP/1.1 echo tags its answers (leave out --http2)")
     _configure_logging("warning")
-    serve(args.listen, http2=args.http2)
+    serve(args.listen, http2=args.http2, tag=args.tag)
     return 0
 
 

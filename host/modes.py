@@ -2,8 +2,9 @@
 
 A route's needs are the union of its plugins' :class:`~extproc_host.plugin.Needs`, plus the
 parts its ``send`` setting lists. ``body_mode`` forces a body mode; without it a body the
-chain needs goes as FULL_DUPLEX_STREAMED (streamed) or BUFFERED (buffered), and a body it does
-not need is not sent. Request headers are always sent (the host learns the route from them),
+chain needs goes as FULL_DUPLEX_STREAMED (streamed; STREAMED on a route that allows mode
+overrides, which Envoy ignores in FULL_DUPLEX_STREAMED) or BUFFERED (buffered), and a body it
+does not need is not sent. Request headers are always sent (the host learns the route from them),
 and each direction that sends a body sends its trailers too (FULL_DUPLEX_STREAMED requires it;
 in STREAMED they tell the host where a body with trailers ends). A route needing nothing gets
 ext_proc disabled. Contradictions are :class:`~extproc_host.settings.ConfigError`.
@@ -11,30 +12,14 @@ ext_proc disabled. Contradictions are :class:`~extproc_host.settings.ConfigError
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
 from .plugin import DIRECTIONS, Needs
-from .routes import Route
+from .routes import Route, RouteModes
 from .settings import RouteSettings
 
-
-@dataclass(frozen=True)
-class RouteModes:
-    """The ext_proc processing mode of one route, plus its buffer limit."""
-
-    request_body: str = "NONE"
-    response_body: str = "NONE"
-    request_trailers: bool = False
-    response_headers: bool = False
-    response_trailers: bool = False
-    buffer_limit_bytes: int | None = None
-    #: True when the chain needs nothing: ext_proc is disabled on the route.
-    disabled: bool = False
-    #: True when every plugin of the chain only observes: Envoy sends the exchange in
-    #: observability mode (bodies STREAMED, no answers awaited), off the data path.
-    observe: bool = False
+__all__ = ["RouteModes", "chain_needs", "ordered_routes", "route_modes", "who_needs"]
 
 
 def chain_needs(route: Route, settings: RouteSettings) -> Needs:
@@ -48,8 +33,8 @@ def chain_needs(route: Route, settings: RouteSettings) -> Needs:
     return needs
 
 
-def _who_needs(route: Route, settings: RouteSettings, field: str) -> str:
-    """Words naming what asks for ``field`` (plugins, or the route's ``send``)."""
+def who_needs(route: Route, settings: RouteSettings, field: str) -> str:
+    """Words naming what asks for ``field`` of :class:`Needs` (plugins, or the route's ``send``)."""
     names = [link.info.name for link in route.chain if getattr(link.info.cls.needs_for(link.settings), field)]
     if field in settings.send:
         names.append("send")
@@ -62,27 +47,50 @@ def _body_mode(route: Route, settings: RouteSettings, needs: Needs, direction: s
     forced = settings.forced_body_mode(direction)
     key = f"{source}: key 'routes.{route.name}.body_mode'"
     if forced is None:
-        return {None: "NONE", "streamed": "FULL_DUPLEX_STREAMED", "buffered": "BUFFERED"}[need]
+        streamed = "STREAMED" if settings.allow_mode_override else "FULL_DUPLEX_STREAMED"
+        return {None: "NONE", "streamed": streamed, "buffered": "BUFFERED"}[need]
+    if forced == "FULL_DUPLEX_STREAMED" and settings.allow_mode_override:
+        raise ConfigError(
+            f"{key}: FULL_DUPLEX_STREAMED for the {direction} body, but the route sets allow_mode_override, "
+            "which Envoy ignores in FULL_DUPLEX_STREAMED: force STREAMED, or leave body_mode out"
+        )
     if forced == "NONE" and need is not None:
-        who = _who_needs(route, settings, f"{direction}_body")
+        who = who_needs(route, settings, f"{direction}_body")
         raise ConfigError(f"{key}: NONE for the {direction} body, but {who} needs the {direction} body")
     if forced in ("STREAMED", "FULL_DUPLEX_STREAMED") and need == "buffered":
-        who = _who_needs(route, settings, f"{direction}_body")
+        who = who_needs(route, settings, f"{direction}_body")
         raise ConfigError(
             f"{key}: {forced} for the {direction} body, but {who} needs the whole {direction} body at once (BUFFERED)"
         )
     return forced
 
 
+def answers_needed(needs: Needs, settings: RouteSettings) -> bool:
+    """Whether the route relies on Envoy reading the host's answers beyond body and header
+    changes: metadata it receives, re-routing, header mutation rules, mode overrides."""
+    return bool(
+        needs.writes_metadata
+        or needs.reroutes
+        or needs.routing_headers
+        or needs.envoy_headers
+        or settings.receiving_namespaces
+        or settings.mutation_rules is not None
+        or settings.allow_mode_override
+        or settings.route_cache_action is not None
+    )
+
+
 def observes_only(route: Route, settings: RouteSettings) -> bool:
     """Whether the route can leave the data path: every plugin only observes, the route forces
-    no body mode (a forced mode is a request to stay in the path) and needs no whole body."""
+    no body mode (a forced mode is a request to stay in the path), needs no whole body and
+    nothing that only answers carry (metadata it writes, re-routing, mode overrides)."""
     needs = chain_needs(route, settings)
     return (
         bool(route.chain)
         and all(link.info.cls.observes_only for link in route.chain)
         and settings.body_mode is None
         and "buffered" not in (needs.request_body, needs.response_body)
+        and not answers_needed(needs, settings)
         and needs.anything
     )
 
@@ -122,26 +130,39 @@ def route_modes(route: Route, settings: RouteSettings, source: str) -> RouteMode
 
 
 def ordered_routes(routes: dict[str, Route], source: str) -> list[Route]:
-    """Routes in Envoy's matching order: longest path prefix first, ``default`` last.
-    ConfigError for a route other than ``default`` without a path prefix, or two with one."""
+    """Routes in Envoy's matching order (Gateway API's precedence): longest path prefix first,
+    then the most ``match_headers``, ``default`` last. ConfigError for a route other than
+    ``default`` that matches nothing of its own (no path prefix, no headers), two routes that
+    match the same requests, or a ``default`` that matches headers (it must take the rest)."""
     problems = []
-    by_prefix: dict[str, str] = {}
+    seen: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
     for name, route in routes.items():
         if name == "default":
+            if route.match_headers:
+                problems.append(
+                    f"{source}: key 'routes.default.match_headers': 'default' takes every request no other route "
+                    "matches: it cannot require headers"
+                )
             continue
-        if route.path_prefix is None:
+        if route.path_prefix is None and not route.match_headers:
             problems.append(
                 f"{source}: key 'routes.{name}.path_prefix': required to generate the Envoy route "
-                f"'{name}' (only 'default' may go without one: it matches everything else)"
+                f"'{name}' (only 'default' may go without one: it matches everything else; or set match_headers)"
             )
-        elif route.path_prefix in by_prefix:
+            continue
+        key = (route.path_prefix or "/", tuple(sorted(route.match_headers)))
+        if key in seen:
+            what = f"'{key[0]}'" + (" with the same match_headers" if route.match_headers else "")
             problems.append(
-                f"{source}: key 'routes.{name}.path_prefix': '{route.path_prefix}' is also route "
-                f"'{by_prefix[route.path_prefix]}''s prefix: Envoy would never pick one of them"
+                f"{source}: key 'routes.{name}.path_prefix': {what} is also route "
+                f"'{seen[key]}''s match: Envoy would never pick one of them"
             )
         else:
-            by_prefix[route.path_prefix] = name
+            seen[key] = name
     if problems:
         raise ConfigError("\n".join(problems))
-    named = sorted((r for n, r in routes.items() if n != "default"), key=lambda r: (-len(r.path_prefix or ""), r.name))
+    named = sorted(
+        (r for n, r in routes.items() if n != "default"),
+        key=lambda r: (-len(r.path_prefix or "/"), -len(r.match_headers), r.name),
+    )
     return [*named, routes["default"]]

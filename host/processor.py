@@ -5,7 +5,14 @@
 - STREAMED (and BUFFERED_PARTIAL): every chunk gets exactly one BodyResponse.
 - BUFFERED: the one body message is answered with the whole new body, and ``content-length``
   is set when the size changed.
-- Headers and trailers: one answer each, carrying the plugins' changes.
+- Headers and trailers: one answer each, carrying the plugins' changes; a header answer may
+  also replace the body that follows (CONTINUE_AND_REPLACE), tell Envoy to skip bodies the
+  chain no longer needs (``mode_override``, where the route allows it) and, on a route whose
+  chain re-routes, ask Envoy to pick the route again (``clear_route_cache``).
+- Besides: Envoy's attributes and forwarded dynamic metadata go into the stream's
+  :class:`~extproc_host.plugin.StreamInfo` from every message that carries them; metadata the
+  plugins set goes out with the next answer; a plugin's request for more time goes out at
+  once (``override_message_timeout``, on routes with a ``max_message_timeout``).
 
 STREAMED and BUFFERED answer a message with one message, so the chain's output for it must fit
 in one gRPC message (``[server] max_message_bytes``): a larger output fails the stream with
@@ -15,17 +22,18 @@ started) instead of reaching gRPC, which would refuse to send it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from .chain import Chain, ChainPlan
 from .errors import AnswerTooLarge, PluginError, ProtocolError, StreamAborted, StreamFailed
-from .plugin import Headers, Reject, StreamInfo
+from .plugin import Headers, Plugin, Reject, StreamInfo
 from .protocol import (
     BUFFERED,
     CONTINUE,
@@ -34,15 +42,21 @@ from .protocol import (
     MODE_NAMES,
     NONE,
     NOTHING,
+    attributes_of,
+    duration,
     header_items,
     header_mutation,
     immediate_response,
+    metadata_of,
+    metadata_struct,
+    processing_mode,
+    replacing,
     request_path,
     route_attribute,
     streamed,
     streamed_pieces,
 )
-from .routes import Route
+from .routes import Route, RouteControl, Skips
 
 if TYPE_CHECKING:
     from .metrics import HookTimer, Metrics
@@ -106,29 +120,36 @@ class Router:
         )
         self.plans = {name: ChainPlan.for_route(route) for name, route in routes.items()}
         self.default = self.plans["default"]
-        self.prefixes = sorted(
-            ((route.path_prefix, self.plans[name]) for name, route in routes.items() if route.path_prefix),
-            key=lambda item: len(item[0]),
-            reverse=True,
+        # Envoy's order: longest prefix first, then the most match_headers (modes.ordered_routes).
+        self.matching = sorted(
+            (self.plans[name] for name, route in routes.items() if route.path_prefix or route.match_headers),
+            key=lambda plan: (-len(plan.route.path_prefix or "/"), -len(plan.route.match_headers)),
         )
+        self.match_headers = any(route.match_headers for route in routes.values())
 
-    def select(self, route_name: str | None, path: str | None) -> ChainPlan:
+    def select(self, route_name: str | None, path: str | None, headers: dict[str, str] | None = None) -> ChainPlan:
         if route_name:
             plan = self.plans.get(route_name)
             if plan is not None:
                 return plan
         if path is not None:
-            for prefix, plan in self.prefixes:
-                if path.startswith(prefix):
+            for plan in self.matching:
+                if plan.route.matches(path, headers or {}):
                     return plan
         return self.default
 
     def plan_for(self, req: pb.ProcessingRequest) -> ChainPlan:
-        """The plan for a stream, from its first request (route attribute, else ``:path``)."""
+        """The plan for a stream, from its first request (route attribute, else Envoy's match:
+        ``:path`` and ``match_headers``)."""
         route_name = route_attribute(req)
         plan = self.plans.get(route_name) if route_name else None
         if plan is None:
-            plan = self.select(None, request_path(req) if self.prefixes else None)
+            if not self.matching:
+                return self.default
+            headers = None
+            if self.match_headers and req.HasField("request_headers"):
+                headers = dict(reversed(header_items(req.request_headers.headers)))  # the first value wins
+            plan = self.select(None, request_path(req), headers)
         return plan
 
 
@@ -145,6 +166,12 @@ class Direction:
     trailers_seen: bool = False
     bytes_in: int = 0  # body bytes received from Envoy
     bytes_out: int = 0  # body bytes the chain passed on
+    skipped: bool = False  # a mode override told Envoy not to send this body
+    replacement: bytes | None = None  # FULL_DUPLEX_STREAMED: the body a header hook replaced this one with
+
+
+#: What a route without control options exchanges: nothing besides the messages.
+NO_CONTROL = RouteControl()
 
 
 @dataclass
@@ -165,6 +192,13 @@ class StreamProcessor:
     messages: int = 0  # messages received from Envoy (the idle timeout watches it move)
     held: int = 0  # body bytes the current answer holds: the chunk received plus the one sent
     charged: int = 0  # of those, what the server's byte budget counts for this stream now
+    control: RouteControl = NO_CONTROL  # the route's
+    forwards: bool = False  # the route forwards dynamic metadata: read it from every message
+    extends: bool = False  # plugins may ask for more time: answers go through _answer_extended
+    pending_metadata: dict[str, dict[str, Any]] | None = None  # for the next answer
+    skips: Skips = (False, False)  # the bodies a mode override sent so far skips
+    skip_changed: bool = False  # a plugin skipped a body since the last header answer
+    early: asyncio.Queue[pb.ProcessingResponse] | None = None  # override_message_timeout to send now
 
     @property
     def route_name(self) -> str:
@@ -172,17 +206,126 @@ class StreamProcessor:
 
     async def handle(self, req: pb.ProcessingRequest) -> Responses:
         """The responses for one request: none, one, several, or (full-duplex output too large
-        to hold at once) an async iterator of them."""
+        to hold at once, or a route where plugins may ask for more time) an async iterator of them."""
         self.messages += 1
         self.held = 0
         if self.plan is None:
             self._start(req)
+        elif self.info is not None:
+            if req.attributes:  # the response attributes come with the first response message
+                self.info.attributes.update(attributes_of(req))
+            if self.forwards:
+                self.info.metadata.update(metadata_of(req))
         kind = req.WhichOneof("request")
         self._check_order(kind)
+        if self.extends and not req.observability_mode:
+            return self._answer_extended(kind, req)
+        # _answer's body, inline: one coroutine less per message on the hot path.
         try:
-            return await self._dispatch(kind, req)
+            answers = await self._dispatch(kind, req)
         except PluginError as exc:
-            return await self._plugin_failed(kind, req, exc)
+            answers = await self._plugin_failed(kind, req, exc)
+        if self.pending_metadata:
+            answers = self._with_metadata(kind, answers)
+        return answers
+
+    async def _answer(self, kind: str | None, req: pb.ProcessingRequest) -> Responses:
+        """The answers to ``req`` (what ``handle`` does inline)."""
+        try:
+            answers = await self._dispatch(kind, req)
+        except PluginError as exc:
+            answers = await self._plugin_failed(kind, req, exc)
+        if self.pending_metadata:
+            answers = self._with_metadata(kind, answers)
+        return answers
+
+    async def _answer_extended(
+        self, kind: str | None, req: pb.ProcessingRequest
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        """The answers to ``req``, after any ``override_message_timeout`` a plugin asks for
+        while the chain works on it (sent at once, so Envoy waits longer)."""
+        early: asyncio.Queue[pb.ProcessingResponse] = asyncio.Queue()
+        self.early = early
+        work = asyncio.ensure_future(self._answer(kind, req))
+        try:
+            while not work.done():
+                waiting = asyncio.ensure_future(early.get())
+                await asyncio.wait((work, waiting), return_when=asyncio.FIRST_COMPLETED)
+                if waiting.done():
+                    yield waiting.result()
+                else:
+                    waiting.cancel()
+            while not early.empty():
+                yield early.get_nowait()
+            answers = work.result()
+        finally:
+            self.early = None
+            if not work.done():
+                work.cancel()
+        if isinstance(answers, (tuple, list)):
+            for answer in answers:
+                yield answer
+        else:
+            async for answer in answers:
+                yield answer
+
+    def _with_metadata(self, kind: str | None, answers: Responses) -> Responses:
+        """``answers`` with the pending dynamic metadata on the first one (kept for the next
+        answer when there is none)."""
+        if isinstance(answers, (tuple, list)):
+            if not answers:
+                return answers
+            first = answers[0]
+            if kind is not None and first is CONTINUE[kind][0]:  # shared: answer with a fresh one
+                first = pb.ProcessingResponse()
+                getattr(first, kind).SetInParent()
+            first.dynamic_metadata.CopyFrom(metadata_struct(self.pending_metadata or {}))
+            self.pending_metadata = None
+            return (first, *answers[1:])
+        return self._stream_with_metadata(answers)
+
+    async def _stream_with_metadata(
+        self, answers: AsyncIterator[pb.ProcessingResponse]
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        async for answer in answers:
+            if self.pending_metadata:
+                answer.dynamic_metadata.CopyFrom(metadata_struct(self.pending_metadata))
+                self.pending_metadata = None
+            yield answer
+
+    # -- what plugins ask of the host (StreamControl) -----------------------------------
+
+    def skip_body(self, plugin: Plugin, direction: str) -> None:
+        """``plugin`` needs no more of this exchange's ``direction`` body."""
+        if self.chain is not None:
+            self.chain.skip(plugin, direction)
+            self.skip_changed = True
+
+    def set_metadata(self, namespace: str, values: dict[str, Any]) -> None:
+        """Send ``values`` under ``namespace`` with the next answer; ValueError when the route
+        does not receive that namespace (Envoy would drop it)."""
+        if namespace not in self.control.receiving_namespaces:
+            route = self.route_name
+            raise ValueError(
+                f"route '{route}' does not receive dynamic metadata namespace '{namespace}' (Envoy would drop "
+                f"it): declare it in the plugin's Needs(writes_metadata=...) or add it to "
+                f"routes.{route}.receiving_namespaces"
+            )
+        if self.pending_metadata is None:
+            self.pending_metadata = {}
+        self.pending_metadata.setdefault(namespace, {}).update(values)
+
+    def extend_timeout(self, seconds: float) -> None:
+        """Ask Envoy, now, to wait up to ``seconds`` for the answer being worked on."""
+        limit = self.control.max_message_timeout
+        if not 0.001 <= seconds <= limit:
+            route = self.route_name
+            raise ValueError(
+                f"extend_timeout({seconds:g}): route '{route}' lets plugins ask for 0.001 to {limit:g} s "
+                f"(routes.{route}.max_message_timeout); Envoy ignores anything else"
+            )
+        if self.early is not None:
+            self.early.put_nowait(pb.ProcessingResponse(override_message_timeout=duration(seconds)))
 
     def _check_order(self, kind: str | None) -> None:
         """Raise ProtocolError for a message Envoy never sends at this point of the exchange.
@@ -220,7 +363,9 @@ class StreamProcessor:
                 route=self.route_name,
                 request_body_mode=MODE_NAMES.get(self.request.mode, "NONE"),
                 response_body_mode=MODE_NAMES.get(self.response.mode, "NONE"),
-                attributes=dict(first.attributes) if first is not None and first.attributes else {},
+                attributes=attributes_of(first) if first is not None and first.attributes else {},
+                metadata=metadata_of(first) if first is not None and self.forwards else {},
+                control=self,
             )
         return self.info
 
@@ -234,7 +379,10 @@ class StreamProcessor:
                     self.plan = self.router.default  # nothing is built for a stream refused here
                     raise ProtocolError(f"protocol_config: unknown {d.name} body mode {bad}")
         self.plan = plan = self.router.plan_for(req)
+        self.control = control = plan.route.control
+        self.forwards = bool(control.forwarding_namespaces)
         if plan.has_any_hook:  # a chain that does nothing needs no StreamInfo and no instances
+            self.extends = control.max_message_timeout > 0
             try:
                 self.chain = Chain(plan, self.stream_info(req), self.router.hook_timers)
             except PluginError as exc:
@@ -264,7 +412,7 @@ class StreamProcessor:
 
     async def _headers(self, d: Direction, kind: str, msg: pb.HttpHeaders) -> Answers:
         d.ended = msg.end_of_stream
-        d.body_expected = not msg.end_of_stream and d.mode != NONE
+        d.body_expected = not msg.end_of_stream and d.mode != NONE and not d.skipped
         chain = self._active()
         if chain is None:
             return CONTINUE[kind]
@@ -278,16 +426,75 @@ class StreamProcessor:
             info.response_headers = headers
             info.response_has_body = not msg.end_of_stream
         hook = "on_request_headers" if d is self.request else "on_response_headers"
-        if not chain.plan.touches(hook):
-            return CONTINUE[kind]
-        await chain.headers(hook, headers)
+        replaced = await chain.headers(hook, headers) if chain.plan.touches(hook) else None
         mutation = header_mutation(headers)
-        if mutation is None:
+        override = self._mode_override() if self.skip_changed else None
+        if replaced is not None:
+            return await self._replace(d, kind, msg, mutation, override, replaced)
+        if mutation is None and override is None:
             return CONTINUE[kind]
-        self.altered = True
-        return (
-            pb.ProcessingResponse(**{kind: pb.HeadersResponse(response=pb.CommonResponse(header_mutation=mutation))}),
+        response = pb.ProcessingResponse()
+        common = getattr(response, kind).response  # built in place, see protocol.streamed
+        getattr(response, kind).SetInParent()
+        if mutation is not None:
+            self.altered = True
+            common.header_mutation.CopyFrom(mutation)
+            headers.clear_changes()  # a BUFFERED body answer carries what changes after this
+            if self.control.reroutes and d is self.request:
+                common.clear_route_cache = True
+        if override is not None:
+            response.mode_override.CopyFrom(override)
+        return (response,)
+
+    def _mode_override(self) -> Any:
+        """The ProcessingMode that skips the bodies every plugin with hooks for them skipped,
+        when the route allows that override; None when nothing changes."""
+        self.skip_changed = False
+        chain = self.chain
+        if chain is None or not self.control.override_modes:
+            return None
+        plan = chain.plan
+        wanted = (
+            self.skips[0] or (plan.touches_body("request") and not chain.stages["request"]),
+            self.skips[1] or (plan.touches_body("response") and not chain.stages["response"]),
         )
+        choices = self.control.override_modes
+        for skips in (wanted, (wanted[0], self.skips[1]), (self.skips[0], wanted[1])):
+            if skips != self.skips and skips in choices:
+                self.skips = skips
+                self.request.skipped, self.response.skipped = skips
+                if skips[0] and not self.request.body_seen:
+                    self.request.body_expected = False
+                return processing_mode(choices[skips])
+        return None
+
+    async def _replace(
+        self, d: Direction, kind: str, msg: pb.HttpHeaders, mutation: Any, override: Any, replaced: tuple[int, bytes]
+    ) -> Answers:
+        """Answer a header message whose hook returned a new body: CONTINUE_AND_REPLACE, Envoy
+        then sends nothing more of that body. Envoy refuses it once it streams the body in
+        FULL_DUPLEX_STREAMED: there the body that comes is dropped and the new one sent at its end."""
+        assert self.chain is not None
+        body = await self.chain.replacement(d.name, *replaced)
+        self.altered = True
+        if d.mode == FULL_DUPLEX and not msg.end_of_stream:
+            d.replacement = body
+            response = pb.ProcessingResponse()
+            getattr(response, kind).SetInParent()
+            if mutation is not None:
+                getattr(response, kind).response.header_mutation.CopyFrom(mutation)
+        else:
+            if len(body) > self.router.max_answer_bytes:
+                return self._too_large(d)
+            d.ended = True
+            d.body_expected = False
+            d.bytes_out += len(body)
+            response = replacing(kind, body, mutation)
+        if mutation is not None and self.control.reroutes and d is self.request:
+            getattr(response, kind).response.clear_route_cache = True
+        if override is not None:
+            response.mode_override.CopyFrom(override)
+        return (response,)
 
     async def _body(self, d: Direction, kind: str, msg: pb.HttpBody, req: pb.ProcessingRequest) -> Responses:
         chunk: bytes = msg.body
@@ -296,6 +503,10 @@ class StreamProcessor:
         end = msg.end_of_stream or mode == BUFFERED
         d.body_seen = True
         d.bytes_in += len(chunk)
+        if d.replacement is not None:  # FULL_DUPLEX_STREAMED: the new body goes at the end
+            if end:
+                d.ended = True
+            return self._replacement_at(kind, d, end)
         chain = self._active()
         out: bytes | AsyncIterator[bytes] = chunk
         if chain is not None and chain.plan.touches_body(d.name):
@@ -323,18 +534,39 @@ class StreamProcessor:
             if not out and not end:
                 return NOTHING
             return (streamed(kind, out, end),)
-        if out is chunk:
+        headers = None
+        if mode == BUFFERED and chain is not None:  # Envoy holds the headers for this answer
+            headers = chain.info.request_headers if d is self.request else chain.info.response_headers
+        if out is chunk and not (headers is not None and headers.changed):
             return CONTINUE[kind]
         self.altered = True
         response = pb.ProcessingResponse()
         common = getattr(response, kind).response  # built in place, see _streamed
-        if out:
-            common.body_mutation.body = out
-        else:
-            common.body_mutation.clear_body = True
-        if mode == BUFFERED and len(out) != len(chunk):
-            common.header_mutation.CopyFrom(header_mutation(Headers(), {"content-length": str(len(out))}))
+        getattr(response, kind).SetInParent()
+        if out is not chunk:
+            if out:
+                common.body_mutation.body = out
+            else:
+                common.body_mutation.clear_body = True
+        if mode == BUFFERED:
+            size = {"content-length": str(len(out))} if len(out) != len(chunk) else None
+            mutation = header_mutation(headers if headers is not None else Headers(), size)
+            if mutation is not None:
+                common.header_mutation.CopyFrom(mutation)
+                if headers is not None:
+                    headers.clear_changes()
         return (response,)
+
+    def _replacement_at(self, kind: str, d: Direction, end: bool) -> Answers:
+        """A FULL_DUPLEX_STREAMED chunk of a body a header hook replaced: dropped; at the end
+        of the body, the new body goes in its place."""
+        if not end:
+            return NOTHING
+        body, d.replacement = d.replacement or b"", None
+        d.bytes_out += len(body)
+        if len(body) > MAX_STREAMED_CHUNK:
+            return streamed_pieces(kind, body, True)
+        return (streamed(kind, body, True),)
 
     async def _trailers(self, d: Direction, kind: str, trailer_map: base_pb2.HeaderMap) -> Answers:
         chain = self._active()
@@ -343,7 +575,9 @@ class StreamProcessor:
             # Trailers end the body: flush what the plugins hold back.
             d.ended = True
             tail = b""
-            if chain is not None and chain.plan.touches_body(d.name):
+            if d.replacement is not None:
+                tail, d.replacement = d.replacement, None
+            elif chain is not None and chain.plan.touches_body(d.name):
                 flushed = await chain.body(d.name, b"", True)
                 if isinstance(flushed, bytes):
                     tail = flushed
@@ -353,7 +587,7 @@ class StreamProcessor:
                     if joined is None:
                         return self._too_large(d)
                     tail = joined
-                d.bytes_out += len(tail)
+            d.bytes_out += len(tail)
             if d.mode == FULL_DUPLEX:
                 if tail:
                     self.altered = True
@@ -371,7 +605,10 @@ class StreamProcessor:
         mutation = None
         if chain is not None and chain.plan.touches(hook):
             trailers = Headers(header_items(trailer_map))
-            await chain.headers(hook, trailers)
+            returned = await chain.headers(hook, trailers)
+            if returned is not None:
+                error = TypeError("returned bytes: a trailers hook returns nothing (it changes the trailers in place)")
+                raise PluginError(chain.plugins[returned[0]].name, hook, error)
             mutation = header_mutation(trailers)
         if mutation is None:
             out.extend(CONTINUE[kind])

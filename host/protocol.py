@@ -5,17 +5,25 @@ and the plugin API's values, with no state and no I/O.
 - Envoy's header maps as ``(name, value)`` pairs, and :class:`~extproc_host.plugin.Headers`
   changes as a ``HeaderMutation``;
 - the answers that change nothing (built once), full-duplex body answers, and the local reply
-  a :class:`~extproc_host.plugin.Reject` becomes.
+  a :class:`~extproc_host.plugin.Reject` becomes;
+- Envoy attributes and dynamic metadata (``google.protobuf.Struct``) as plain Python values and
+  back, and a route's modes as the ``ProcessingMode`` of a mode override.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import lru_cache
+from typing import Any
 
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
+from google.protobuf import duration_pb2, struct_pb2, wrappers_pb2
 
 from .plugin import Headers, Reject
+from .routes import RouteModes
 
 _Mode = processing_mode_pb2.ProcessingMode.BodySendMode
 NONE, STREAMED, BUFFERED, BUFFERED_PARTIAL, FULL_DUPLEX = (
@@ -32,7 +40,8 @@ ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
 ROUTE_ATTRIBUTE = "xds.route_name"
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-_APPEND = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
+# Envoy's ext_proc (1.40) ignores append_action and appends only on the older `append` flag.
+_APPEND = wrappers_pb2.BoolValue(value=True)
 
 #: Answers that change nothing, built once, by ProcessingRequest kind.
 CONTINUE: dict[str, tuple[pb.ProcessingResponse, ...]] = {
@@ -115,7 +124,7 @@ def header_mutation(headers: Headers, extra: dict[str, str] | None = None) -> pb
         mutation.set_headers.append(
             base_pb2.HeaderValueOption(
                 header=base_pb2.HeaderValue(key=name, raw_value=value.encode("utf-8", "surrogateescape")),
-                append_action=_APPEND,
+                append=_APPEND,
             )
         )
     return mutation
@@ -126,8 +135,91 @@ def immediate_response(reject: Reject) -> pb.ProcessingResponse:
     headers = Headers()
     for name, value in reject.headers.items():
         headers.set(name, value)
-    immediate = pb.ImmediateResponse(status=http_status_pb2.HttpStatus(code=reject.status), body=reject.body)
+    immediate = pb.ImmediateResponse(
+        status=http_status_pb2.HttpStatus(code=reject.status), body=reject.body, details=reject.details
+    )
+    if reject.grpc_status is not None:
+        immediate.grpc_status.status = reject.grpc_status
     mutation = header_mutation(headers)
     if mutation is not None:
         immediate.headers.CopyFrom(mutation)
     return pb.ProcessingResponse(immediate_response=immediate)
+
+
+def replacing(kind: str, body: bytes, mutation: pb.HeaderMutation | None) -> pb.ProcessingResponse:
+    """The answer to a header message that replaces the body after it (CONTINUE_AND_REPLACE)."""
+    response = pb.ProcessingResponse()
+    common = getattr(response, kind).response
+    common.status = pb.CommonResponse.CONTINUE_AND_REPLACE
+    if mutation is not None:
+        common.header_mutation.CopyFrom(mutation)
+    if body:
+        common.body_mutation.body = body
+    else:
+        common.body_mutation.clear_body = True
+    return response
+
+
+def plain_value(value: struct_pb2.Value) -> Any:
+    """A protobuf ``Value`` as a Python value; whole numbers as ``int`` (Envoy sends every
+    number as a double: ``response.code`` 200.0)."""
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        number = value.number_value
+        return int(number) if number.is_integer() else number
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return plain_struct(value.struct_value)
+    if kind == "list_value":
+        return [plain_value(item) for item in value.list_value.values]
+    return None
+
+
+def plain_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A protobuf ``Struct`` as a dict of Python values (see :func:`plain_value`)."""
+    return {name: plain_value(value) for name, value in struct.fields.items()}
+
+
+def attributes_of(req: pb.ProcessingRequest) -> dict[str, Any]:
+    """The attributes a message carries, by attribute name."""
+    found = req.attributes.get(ATTRIBUTES_KEY)
+    return plain_struct(found) if found is not None else {}
+
+
+def metadata_of(req: pb.ProcessingRequest) -> dict[str, dict[str, Any]]:
+    """The dynamic metadata a message forwards (``metadata_context``), by namespace."""
+    return {name: plain_struct(values) for name, values in req.metadata_context.filter_metadata.items()}
+
+
+def metadata_struct(metadata: Mapping[str, Mapping[str, Any]]) -> struct_pb2.Struct:
+    """Dynamic metadata by namespace as the ``Struct`` a ProcessingResponse carries."""
+    struct = struct_pb2.Struct()
+    struct.update({namespace: dict(values) for namespace, values in metadata.items()})
+    return struct
+
+
+def duration(seconds: float) -> duration_pb2.Duration:
+    """Seconds as a protobuf Duration."""
+    found = duration_pb2.Duration()
+    found.FromMilliseconds(round(seconds * 1000))
+    return found
+
+
+_SEND, _SKIP = processing_mode_pb2.ProcessingMode.SEND, processing_mode_pb2.ProcessingMode.SKIP
+
+
+@lru_cache(maxsize=256)
+def processing_mode(modes: RouteModes) -> processing_mode_pb2.ProcessingMode:
+    """The ProcessingMode of a mode override setting ``modes`` (every field explicit: Envoy
+    compares it with the filter's allowed_override_modes); built once per modes, copy it."""
+    return processing_mode_pb2.ProcessingMode(
+        request_header_mode=_SEND,
+        response_header_mode=_SEND if modes.response_headers else _SKIP,
+        request_body_mode=_Mode.Value(modes.request_body),
+        response_body_mode=_Mode.Value(modes.response_body),
+        request_trailer_mode=_SEND if modes.request_trailers else _SKIP,
+        response_trailer_mode=_SEND if modes.response_trailers else _SKIP,
+    )

@@ -14,7 +14,7 @@ import importlib.metadata
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from pluggy import HookImpl
 from pydantic import ValidationError
 
 from . import hookspecs
+from .control import route_control
 from .errors import ConfigError
 from .modes import RouteModes, route_modes
 from .plugin import Plugin, overridden_hooks
@@ -258,7 +259,14 @@ def build_routes(
                     f"{source}: key 'routes.{route_name}.plugins.{plugin_name}': "
                     f"'{plugin_name}' is not in this route's chain {route.chain}"
                 )
-        routes[route_name] = Route(route_name, tuple(links), route.failure_policy, route.path_prefix)
+        routes[route_name] = Route(
+            route_name,
+            tuple(links),
+            route.failure_policy,
+            route.path_prefix,
+            match_headers=tuple(sorted(route.match_headers.items())),
+            upstream=route.upstream,
+        )
     if problems:
         raise ConfigError("\n".join(dict.fromkeys(problems)))
     return routes
@@ -281,10 +289,12 @@ def assemble_host(
     settings: Settings, source: str, *, extra: Sequence[type[Plugin]] = (), load_entry_points: bool = True
 ) -> LoadedHost:
     """Load the plugins ``settings`` may use (installed ones, ``plugin_modules``, ``extra``
-    classes), build every route and work out its ext_proc modes; ConfigError on any problem.
+    classes), build every route and work out its ext_proc modes and control options (what
+    Envoy sends it, what else it exchanges); ConfigError on any problem.
 
-    The modes are checked here so that ``serve``, ``check`` and ``envoy-config`` refuse the
-    same files (a BUFFERED chain without ``buffer_limit_bytes``, a forced mode a plugin cannot work in).
+    They are checked here so that ``serve``, ``check`` and ``envoy-config`` refuse the same
+    files (a BUFFERED chain without ``buffer_limit_bytes``, a forced mode a plugin cannot work
+    in, a plugin changing routing headers on a route that does not allow it).
     """
     pm = make_plugin_manager(load_entry_points, modules=settings.server.plugin_modules, source=source)
     plugins = discover(pm, extra)
@@ -294,8 +304,11 @@ def assemble_host(
     for name, route in routes.items():
         try:
             modes[name] = route_modes(route, settings.routes[name], source)
+            control = route_control(route, settings.routes[name], modes[name], source)
         except ConfigError as exc:
             problems.append(str(exc))
+            continue
+        routes[name] = replace(route, modes=modes[name], control=control)
     if problems:
         raise ConfigError("\n".join(problems))
     return LoadedHost(source, settings, pm, plugins, routes, modes)

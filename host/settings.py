@@ -19,6 +19,7 @@ Every problem is raised as :class:`ConfigError`, which names the file and the ke
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
@@ -30,6 +31,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from .drain import DEFAULT_DRAIN_SECONDS
 from .errors import ConfigError
 from .listeners import TlsSettings, parse_address, split_host_port
+from .mutation_rules import MutationRules
 
 DEFAULT_LISTEN = "127.0.0.1:9001"
 
@@ -162,6 +164,11 @@ BodyMode = Literal["NONE", "STREAMED", "BUFFERED", "FULL_DUPLEX_STREAMED"]
 #: Parts of an exchange a route may ask Envoy to send whatever its chain needs (``send``).
 SendPart = Literal["request_body", "request_trailers", "response_headers", "response_body", "response_trailers"]
 
+#: An Envoy attribute name (``source.address``, ``xds.route_name``, ``response.code``).
+_ATTRIBUTE = re.compile(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)+")
+#: A dynamic metadata namespace, an upstream (cluster) name.
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]*")
+
 
 class BodyModes(BaseModel):
     """``body_mode = { request = "...", response = "..." }``: a body mode per direction."""
@@ -188,6 +195,32 @@ class RouteSettings(BaseModel):
     send: list[SendPart] = Field(default_factory=list)
     # ...and let Envoy hold BUFFERED bodies up to this size on this route.
     buffer_limit_bytes: int | None = Field(default=None, gt=0, le=2**32 - 1)
+    # Envoy attributes sent to the host besides the ones the chain's plugins ask for (Needs),
+    # by Envoy's names: request ones with the request headers, response ones with the response headers.
+    request_attributes: list[str] = Field(default_factory=list)
+    response_attributes: list[str] = Field(default_factory=list)
+    # Dynamic metadata namespaces Envoy forwards to the host (StreamInfo.metadata) and accepts
+    # from it (StreamInfo.set_metadata), besides the ones the chain's plugins declare.
+    forwarding_namespaces: list[str] = Field(default_factory=list)
+    receiving_namespaces: list[str] = Field(default_factory=list)
+    # The chain may tell Envoy, when it answers a header message, to skip a body it does not
+    # need (Plugin.skip_body -> ext_proc's mode_override). Streamed bodies then go STREAMED:
+    # Envoy ignores mode_override on FULL_DUPLEX_STREAMED.
+    allow_mode_override: bool = False
+    # Header changes Envoy accepts from the host on this route (Envoy's HeaderMutationRules):
+    # required for plugins that change routing headers or x-envoy-* headers.
+    mutation_rules: MutationRules | None = None
+    # When Envoy picks the route again after the host changed request headers (default: CLEAR
+    # when a plugin of the chain re-routes, else DEFAULT: when the host asks).
+    route_cache_action: Literal["DEFAULT", "CLEAR", "RETAIN"] | None = None
+    # Seconds Envoy waits for each answer on this route (default: envoy-config --message-timeout),
+    # and the most a plugin may ask for with StreamInfo.extend_timeout (0: it may not).
+    message_timeout: float | None = Field(default=None, gt=0, le=3600)
+    max_message_timeout: float = Field(default=0.0, ge=0, le=3600)
+    # Envoy's route: the cluster it forwards to ("upstream", or one given to envoy-config as
+    # --upstream NAME=HOST:PORT) and request headers it must carry (exact values) to match.
+    upstream: str = "upstream"
+    match_headers: dict[str, str] = Field(default_factory=dict)
 
     def forced_body_mode(self, direction: str) -> str | None:
         """The body mode ``body_mode`` forces for ``direction`` ("request"/"response"), if any."""
@@ -202,6 +235,27 @@ class RouteSettings(BaseModel):
         if value is not None and not value.startswith("/"):
             raise ValueError("must start with '/'")
         return value
+
+    @field_validator("request_attributes", "response_attributes")
+    @classmethod
+    def _check_attributes(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not _ATTRIBUTE.fullmatch(name):
+                raise ValueError(f"{name!r} is not an Envoy attribute name (like 'source.address')")
+        return value
+
+    @field_validator("forwarding_namespaces", "receiving_namespaces", "upstream")
+    @classmethod
+    def _check_names(cls, value: str | list[str]) -> str | list[str]:
+        for name in [value] if isinstance(value, str) else value:
+            if not _NAME.fullmatch(name):
+                raise ValueError(f"{name!r}: use letters, digits and '_', '.', ':', '-'")
+        return value
+
+    @field_validator("match_headers")
+    @classmethod
+    def _check_match_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        return {name.lower(): header_value for name, header_value in value.items()}
 
 
 class Settings(BaseSettings):

@@ -2,11 +2,22 @@
 
 Built from envoy-data-plane's typed messages (a misspelt field is a Python error, not a config
 Envoy rejects at start-up), turned into a dict and then YAML. One Envoy route per settings
-route, matching its ``path_prefix`` (longest first, ``default`` last on ``/``); the ext_proc
-filter sends ``xds.route_name``; each route gets the processing mode its chain needs
-(:mod:`extproc_host.modes`) and its failure policy (``fail_open`` ->
-``failure_mode_allow``). Two clusters: ``extproc`` (HTTP/2, the host) and ``upstream``. The
-filter reaches the host through Envoy's own gRPC client and the ``extproc`` cluster
+route, matching its ``path_prefix`` and ``match_headers`` (longest prefix first, ``default``
+last on ``/``), forwarding to its ``upstream`` cluster; each route gets the processing mode its
+chain needs (:mod:`extproc_host.modes`), its failure policy (``fail_open`` ->
+``failure_mode_allow``) and the dynamic metadata namespaces it forwards and receives
+(:mod:`extproc_host.control`). Clusters: ``extproc`` (HTTP/2, the host), ``upstream`` and one
+per other upstream the routes name.
+
+Envoy takes some options only from the ext_proc filter, not per route: attributes, mutation
+rules, route cache action, mode overrides (and the filter's own processing mode, which must not
+be FULL_DUPLEX_STREAMED for them), message timeouts, observability mode. Routes that differ in
+those get a filter each (as Envoy Gateway gives each ext_proc policy one), enabled on those
+routes only: ``envoy.filters.http.ext_proc`` for the routes like ``default``,
+``envoy.filters.http.ext_proc.observe`` for observe-only routes (``.observe.<route>`` for
+observers with other options), ``envoy.filters.http.ext_proc.<route>`` for the others.
+
+The filters reach the host through Envoy's own gRPC client and the ``extproc`` cluster
 (``envoy_grpc``, the default), or through gRPC's C++ client straight to one address
 (``google_grpc``, ``--grpc-client google``), which has no cluster, so no health checks.
 
@@ -19,7 +30,7 @@ import datetime
 import ipaddress
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -27,6 +38,7 @@ import yaml
 # envoy-data-plane's generated models trip pydantic deprecation warnings on import: not ours to fix.
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
+    from envoy_data_plane.envoy.config.accesslog.v3 import AccessLog
     from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
     from envoy_data_plane.envoy.config.cluster.v3 import (
         CircuitBreakers,
@@ -36,6 +48,7 @@ with warnings.catch_warnings():
         ClusterDiscoveryType,
         ClusterDnsLookupFamily,
     )
+    from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutationRules
     from envoy_data_plane.envoy.config.core.v3 import (
         Address,
         GrpcService,
@@ -49,6 +62,7 @@ with warnings.catch_warnings():
         Http2ProtocolOptions,
         Pipe,
         SocketAddress,
+        SubstitutionFormatString,
     )
     from envoy_data_plane.envoy.config.endpoint.v3 import (
         ClusterLoadAssignment,
@@ -57,11 +71,22 @@ with warnings.catch_warnings():
         LocalityLbEndpoints,
     )
     from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
-    from envoy_data_plane.envoy.config.route.v3 import Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost
+    from envoy_data_plane.envoy.config.route.v3 import (
+        HeaderMatcher,
+        Route,
+        RouteAction,
+        RouteConfiguration,
+        RouteMatch,
+        VirtualHost,
+    )
+    from envoy_data_plane.envoy.extensions.access_loggers.file.v3 import FileAccessLog
     from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
         ExternalProcessor,
+        ExternalProcessorRouteCacheAction,
         ExtProcOverrides,
         ExtProcPerRoute,
+        MetadataOptions,
+        MetadataOptionsMetadataNamespaces,
         ProcessingMode,
         ProcessingModeBodySendMode,
         ProcessingModeHeaderSendMode,
@@ -76,13 +101,17 @@ with warnings.catch_warnings():
         HttpProtocolOptions,
         HttpProtocolOptionsExplicitHttpConfig,
     )
+    from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher, StringMatcher
     from envoy_data_plane.envoy.type.v3 import Percent
     from envoy_data_plane.google.protobuf import Any as AnyMessage
+    from envoy_data_plane.google.protobuf import Struct
 
 from .. import routes as host_routes
 from ..drain import UNHEALTHY_THRESHOLD
+from ..errors import ConfigError
 from ..listeners import UNIX_PREFIX, parse_address
-from ..modes import RouteModes, ordered_routes, route_modes
+from ..modes import RouteModes, ordered_routes
+from ..mutation_rules import MutationRules
 from ..settings import Settings
 
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
@@ -106,6 +135,11 @@ class EnvoyOptions:
     #: endpoints of the one ``extproc`` cluster); empty: the settings' [server] listen.
     host_addresses: tuple[str, ...] = ()
     upstream: str = "127.0.0.1:8080"
+    #: Other upstreams (clusters) routes may name: (name, HOST:PORT) pairs.
+    upstreams: tuple[tuple[str, str], ...] = ()
+    #: Where Envoy writes its access log (JSON lines, with the dynamic metadata namespaces the
+    #: routes receive); None: no access log.
+    access_log: str | None = None
     message_timeout: float = 5.0
     ext_proc: bool = True
     #: Seconds between gRPC health checks of each host endpoint; None: no active health check.
@@ -213,21 +247,178 @@ def processing_mode(modes: RouteModes) -> ProcessingMode:
     )
 
 
-def _per_route(
-    modes: RouteModes, fail_open: bool, filter_modes: RouteModes, filter_fail_open: bool
-) -> ExtProcPerRoute | None:
-    """The route's ExtProcPerRoute: disabled, overrides where it differs from the filter, or None."""
-    if modes.disabled:
-        return ExtProcPerRoute(disabled=True)
+@dataclass(frozen=True)
+class FilterOptions:
+    """What Envoy takes only from an ext_proc filter, not per route: routes that differ in it
+    need a filter each."""
+
+    observe: bool = False
+    request_attributes: tuple[str, ...] = ("xds.route_name",)
+    response_attributes: tuple[str, ...] = ()
+    mutation_rules: MutationRules | None = None
+    route_cache_action: str = "DEFAULT"
+    #: With mode overrides: the route's modes (the filter's processing mode: Envoy fills an
+    #: override's DEFAULT fields from it) and the modes an override may set.
+    modes: RouteModes | None = None
+    override_modes: tuple[RouteModes, ...] = ()
+    message_timeout: float = 5.0
+    max_message_timeout: float = 0.0
+
+    @classmethod
+    def of(cls, route: host_routes.Route, message_timeout: float) -> FilterOptions:
+        control = route.control
+        overrides = tuple(control.override_modes.values())
+        return cls(
+            observe=route.modes.observe,
+            request_attributes=control.request_attributes,
+            response_attributes=control.response_attributes,
+            mutation_rules=control.mutation_rules,
+            route_cache_action=control.route_cache_action,
+            modes=route.modes if overrides else None,
+            override_modes=overrides,
+            message_timeout=control.message_timeout or message_timeout,
+            max_message_timeout=control.max_message_timeout,
+        )
+
+
+@dataclass
+class ExtProcFilter:
+    """One ext_proc filter of the bootstrap and the routes it serves (the first one's
+    processing mode and failure policy are the filter's; the others override what differs)."""
+
+    name: str
+    options: FilterOptions
+    routes: list[host_routes.Route] = field(default_factory=list)
+
+    @property
+    def modes(self) -> RouteModes:
+        first = self.routes[0].modes if self.routes else RouteModes()
+        return first if not first.disabled else RouteModes()
+
+    @property
+    def fail_open(self) -> bool:
+        return bool(self.routes) and (self.options.observe or self.routes[0].failure_policy == "fail_open")
+
+
+def ext_proc_filters(ordered: Sequence[host_routes.Route], message_timeout: float) -> list[ExtProcFilter]:
+    """The ext_proc filters the routes need, each with its routes: the first serves the routes
+    whose filter options are ``default``'s (its processing mode and failure policy are
+    ``default``'s), then observe-only routes, then one per other set of options."""
+    default = ordered[-1]
+    main = ExtProcFilter(EXT_PROC_FILTER, FilterOptions.of(default, message_timeout))
+    if default.modes.observe:  # the main filter keeps the plain options; the observer takes default
+        main = ExtProcFilter(EXT_PROC_FILTER, FilterOptions(message_timeout=message_timeout))
+    filters = {main.options: main}
+    for route in [default, *ordered[:-1]]:
+        if route.modes.disabled:
+            continue
+        options = FilterOptions.of(route, message_timeout)
+        found = filters.get(options)
+        if found is None:
+            base = EXT_PROC_OBSERVE_FILTER if options.observe else EXT_PROC_FILTER
+            first = options.observe and not any(f.options.observe for f in filters.values())
+            name = base if first else f"{base}.{route.name}"
+            found = filters[options] = ExtProcFilter(name, options)
+        found.routes.append(route)
+    return list(filters.values())
+
+
+def _namespaces(names: Sequence[str]) -> MetadataOptionsMetadataNamespaces:
+    return MetadataOptionsMetadataNamespaces(untyped=list(names))
+
+
+def _per_route(route: host_routes.Route, ext_proc: ExtProcFilter) -> ExtProcPerRoute | None:
+    """The route's ExtProcPerRoute on the filter that serves it: overrides where the route
+    differs from the filter (processing mode, failure policy) and its metadata namespaces."""
     overrides = ExtProcOverrides()
     changed = False
-    if processing_mode(modes) != processing_mode(filter_modes):
-        overrides.processing_mode = processing_mode(modes)
+    if processing_mode(route.modes) != processing_mode(ext_proc.modes):
+        overrides.processing_mode = processing_mode(route.modes)
         changed = True
-    if fail_open != filter_fail_open:
+    fail_open = route.modes.observe or route.failure_policy == "fail_open"
+    if fail_open != ext_proc.fail_open:
         overrides.failure_mode_allow = fail_open
         changed = True
+    control = route.control
+    if control.forwarding_namespaces or control.receiving_namespaces:
+        overrides.metadata_options = MetadataOptions(
+            forwarding_namespaces=_namespaces(control.forwarding_namespaces),
+            receiving_namespaces=_namespaces(control.receiving_namespaces),
+        )
+        changed = True
     return ExtProcPerRoute(overrides=overrides) if changed else None
+
+
+def _mutation_rules(rules: MutationRules) -> HeaderMutationRules:
+    """The route setting as Envoy's message (only the fields that are set)."""
+    found = HeaderMutationRules()
+    for name in ("allow_all_routing", "allow_envoy", "disallow_system", "disallow_all", "disallow_is_error"):
+        if getattr(rules, name):
+            setattr(found, name, True)
+    if rules.allow_expression is not None:
+        found.allow_expression = RegexMatcher(regex=rules.allow_expression)
+    if rules.disallow_expression is not None:
+        found.disallow_expression = RegexMatcher(regex=rules.disallow_expression)
+    return found
+
+
+def _filter_config(ext_proc: ExtProcFilter, grpc_service: GrpcService) -> ExternalProcessor:
+    """The ExternalProcessor config of one filter, reaching the host through ``grpc_service``."""
+    options = ext_proc.options
+    config = ExternalProcessor(
+        grpc_service=grpc_service,
+        failure_mode_allow=ext_proc.fail_open,
+        message_timeout=_seconds(options.message_timeout),
+        request_attributes=list(options.request_attributes),
+        processing_mode=processing_mode(options.modes or ext_proc.modes),
+    )
+    if options.response_attributes:
+        config.response_attributes = list(options.response_attributes)
+    if options.mutation_rules is not None:
+        config.mutation_rules = _mutation_rules(options.mutation_rules)
+    if options.route_cache_action != "DEFAULT":
+        config.route_cache_action = ExternalProcessorRouteCacheAction[options.route_cache_action]
+    if options.override_modes:
+        config.allow_mode_override = True
+        config.allowed_override_modes = [processing_mode(modes) for modes in options.override_modes]
+    if options.max_message_timeout:
+        config.max_message_timeout = _seconds(options.max_message_timeout)
+    return config
+
+
+def _route_match(route: host_routes.Route) -> RouteMatch:
+    match = RouteMatch(prefix="/" if route.name == "default" else (route.path_prefix or "/"))
+    if route.match_headers:
+        match.headers = [
+            HeaderMatcher(name=name, string_match=StringMatcher(exact=value)) for name, value in route.match_headers
+        ]
+    return match
+
+
+def _access_log(path: str, routes: Sequence[host_routes.Route]) -> AccessLog:
+    """Envoy's access log as JSON lines: the request, the route and upstream it went to, the
+    status and its details, and every dynamic metadata namespace a route receives."""
+    fields: dict[str, Any] = {
+        "start_time": "%START_TIME%",
+        "method": "%REQ(:METHOD)%",
+        "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+        "protocol": "%PROTOCOL%",
+        "response_code": "%RESPONSE_CODE%",
+        "response_code_details": "%RESPONSE_CODE_DETAILS%",
+        "route": "%ROUTE_NAME%",
+        "upstream_cluster": "%UPSTREAM_CLUSTER%",
+        "duration_ms": "%DURATION%",
+        "bytes_received": "%BYTES_RECEIVED%",
+        "bytes_sent": "%BYTES_SENT%",
+        "request_id": "%REQ(X-REQUEST-ID)%",
+    }
+    namespaces = sorted({ns for route in routes for ns in route.control.receiving_namespaces})
+    if namespaces:
+        fields["metadata"] = {ns: f"%DYNAMIC_METADATA({ns})%" for ns in namespaces}
+    log_format = SubstitutionFormatString(json_format=Struct.from_dict(fields))
+    return AccessLog(
+        name="envoy.access_loggers.file", typed_config=AnyMessage.pack(FileAccessLog(path=path, log_format=log_format))
+    )
 
 
 def _health_check(interval: float) -> HealthCheck:
@@ -245,68 +436,56 @@ def _health_check(interval: float) -> HealthCheck:
     )
 
 
+def _upstream_clusters(ordered: Sequence[host_routes.Route], options: EnvoyOptions, source: str) -> list[Cluster]:
+    """``upstream`` and a cluster for every other upstream a route names; ConfigError for one
+    with no address."""
+    addresses = {"upstream": options.upstream, **dict(options.upstreams)}
+    problems = [
+        f"{source}: key 'routes.{route.name}.upstream': '{route.upstream}' has no address: "
+        f"envoy-config --upstream {route.upstream}=HOST:PORT"
+        for route in ordered
+        if route.upstream not in addresses
+    ]
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return [_cluster(name, [address], http2=False) for name, address in addresses.items()]
+
+
 def build_bootstrap(
     settings: Settings, routes: dict[str, host_routes.Route], options: EnvoyOptions, source: str
 ) -> Bootstrap:
     """The whole Envoy bootstrap; ConfigError on settings Envoy cannot be configured for."""
     ordered = ordered_routes(routes, source)
-    modes = {r.name: route_modes(r, settings.routes[r.name], source) for r in ordered}
-    fail_open = {r.name: r.failure_policy == "fail_open" for r in ordered}
-    default = modes["default"]
-    filter_modes = default if not (default.disabled or default.observe) else RouteModes()
-    # Observe-only routes go to a second filter in observability mode, whose default modes are
-    # the first such route's (the default route's when it observes).
-    observing = [modes[r.name] for r in reversed(ordered) if modes[r.name].observe]
-    observe_modes = observing[0] if observing else None
+    filters = ext_proc_filters(ordered, options.message_timeout) if options.ext_proc else []
+    serving = {route.name: ext_proc for ext_proc in filters for route in ext_proc.routes}
     envoy_routes = []
     for route in ordered:
         envoy_route = Route(
             name=route.name,
-            match=RouteMatch(prefix="/" if route.name == "default" else route.path_prefix),
-            route=RouteAction(cluster="upstream", timeout=_seconds(0)),
+            match=_route_match(route),
+            route=RouteAction(cluster=route.upstream, timeout=_seconds(0)),
         )
-        if options.ext_proc:
-            mine = modes[route.name]
-            per_filter = {}
+        per_filter = {}
+        for ext_proc in filters:
             per_route = (
-                ExtProcPerRoute(disabled=True)
-                if mine.observe
-                else _per_route(mine, fail_open[route.name], filter_modes, fail_open["default"])
+                _per_route(route, ext_proc) if serving.get(route.name) is ext_proc else ExtProcPerRoute(disabled=True)
             )
             if per_route is not None:
-                per_filter[EXT_PROC_FILTER] = AnyMessage.pack(per_route)
-            if observe_modes is not None:
-                observer = (
-                    _per_route(mine, True, observe_modes, True) if mine.observe else ExtProcPerRoute(disabled=True)
-                )
-                if observer is not None:
-                    per_filter[EXT_PROC_OBSERVE_FILTER] = AnyMessage.pack(observer)
-            if per_filter:
-                envoy_route.typed_per_filter_config = per_filter
-            if modes[route.name].buffer_limit_bytes is not None:
-                envoy_route.request_body_buffer_limit = modes[route.name].buffer_limit_bytes
+                per_filter[ext_proc.name] = AnyMessage.pack(per_route)
+        if per_filter:
+            envoy_route.typed_per_filter_config = per_filter
+        if options.ext_proc and route.modes.buffer_limit_bytes is not None:
+            envoy_route.request_body_buffer_limit = route.modes.buffer_limit_bytes
         envoy_routes.append(envoy_route)
     http_filters = []
-    if options.ext_proc:
-        ext_proc = ExternalProcessor(
-            grpc_service=_grpc_service(settings, options),
-            failure_mode_allow=fail_open["default"],
-            message_timeout=_seconds(options.message_timeout),
-            request_attributes=["xds.route_name"],
-            processing_mode=processing_mode(filter_modes),
-        )
-        http_filters.append(HttpFilter(name=EXT_PROC_FILTER, typed_config=AnyMessage.pack(ext_proc)))
-        if observe_modes is not None:
-            watcher = ExternalProcessor(
-                grpc_service=_grpc_service(settings, options),
-                # Observing never fails an exchange: a host that is down or refuses is skipped.
-                failure_mode_allow=True,
-                observability_mode=True,
-                deferred_close_timeout=_seconds(options.observe_close_timeout),
-                request_attributes=["xds.route_name"],
-                processing_mode=processing_mode(observe_modes),
-            )
-            http_filters.append(HttpFilter(name=EXT_PROC_OBSERVE_FILTER, typed_config=AnyMessage.pack(watcher)))
+    for ext_proc in filters:
+        config = _filter_config(ext_proc, _grpc_service(settings, options))
+        if ext_proc.options.observe:
+            # Observing never fails an exchange: a host that is down or refuses is skipped.
+            config.failure_mode_allow = True
+            config.observability_mode = True
+            config.deferred_close_timeout = _seconds(options.observe_close_timeout)
+        http_filters.append(HttpFilter(name=ext_proc.name, typed_config=AnyMessage.pack(config)))
     http_filters.append(HttpFilter(name="envoy.filters.http.router", typed_config=AnyMessage.pack(Router())))
     manager = HttpConnectionManager(
         stat_prefix="ingress",
@@ -321,6 +500,8 @@ def build_bootstrap(
         ),
         http_filters=http_filters,
     )
+    if options.access_log is not None:
+        manager.access_log = [_access_log(options.access_log, ordered)]
     listen_address, _ = _socket(options.listen, connect=False)
     listener = Listener(
         name="ingress",
@@ -356,7 +537,7 @@ def build_bootstrap(
             }
         extproc.per_connection_buffer_limit_bytes = options.extproc_buffer_limit
         clusters.append(extproc)
-    clusters.append(_cluster("upstream", [options.upstream], http2=False))
+    clusters.extend(_upstream_clusters(ordered, options, source))
     admin = Admin(
         address=Address(socket_address=SocketAddress(address=options.admin_address, port_value=options.admin_port))
     )

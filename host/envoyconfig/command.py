@@ -43,9 +43,17 @@ def add_envoy_config_parser(sub: argparse._SubParsersAction[argparse.ArgumentPar
     )
     envoy.add_argument(
         "--upstream",
-        default="127.0.0.1:8080",
-        metavar="HOST:PORT",
-        help="HOST:PORT of the upstream (default 127.0.0.1:8080)",
+        action="append",
+        default=[],
+        metavar="[NAME=]HOST:PORT",
+        help="HOST:PORT of the upstream (default 127.0.0.1:8080); NAME=HOST:PORT: of the upstream a route names "
+        "(routes.<route>.upstream); repeat it for each",
+    )
+    envoy.add_argument(
+        "--access-log",
+        metavar="PATH",
+        help="Envoy writes an access log here (JSON lines, with the dynamic metadata the routes receive; "
+        "/dev/stdout for a container)",
     )
     envoy.add_argument(
         "--message-timeout", type=float, default=5.0, metavar="S", help="seconds the host has per message (default 5)"
@@ -102,8 +110,10 @@ def _envoy_config_command(args: argparse.Namespace) -> str:
         words += ["--admin-address", args.admin_address]
     for address in args.host_address:
         words += ["--host-address", address]
-    if args.upstream != "127.0.0.1:8080":
-        words += ["--upstream", args.upstream]
+    for upstream in args.upstream:
+        words += ["--upstream", upstream]
+    if args.access_log:
+        words += ["--access-log", args.access_log]
     if args.message_timeout != 5.0:
         words += ["--message-timeout", f"{args.message_timeout:g}"]
     if args.health_check is not None:
@@ -125,12 +135,14 @@ def _envoy_options(args: argparse.Namespace) -> EnvoyOptions:
     from .bootstrap import EnvoyOptions
 
     listen = args.listen or f"0.0.0.0:{18080 if args.port is None else args.port}"
-    checks = {"--listen/--port": listen, "--upstream": args.upstream}
+    upstream, named = _upstreams(args.upstream)
+    checks = {"--listen/--port": listen, "--upstream": upstream}
     try:
         ipaddress.ip_address(args.admin_address)
     except ValueError:
         raise ConfigError(f"--admin-address: expected an IP address, got {args.admin_address!r}") from None
     checked = list(checks.items())
+    checked += [("--upstream", address) for _, address in named]
     checked += [("--host-address", a) for a in args.host_address if not a.startswith("unix:")]
     for option, value in checked:
         try:
@@ -170,7 +182,9 @@ def _envoy_options(args: argparse.Namespace) -> EnvoyOptions:
         admin_port=args.admin_port,
         admin_address=args.admin_address,
         host_addresses=tuple(args.host_address),
-        upstream=args.upstream,
+        upstream=upstream,
+        upstreams=named,
+        access_log=args.access_log,
         message_timeout=args.message_timeout,
         ext_proc=not args.no_ext_proc,
         health_check_interval=args.health_check,
@@ -180,6 +194,22 @@ def _envoy_options(args: argparse.Namespace) -> EnvoyOptions:
         listener_buffer_limit=args.listener_buffer_limit,
         grpc_client=args.grpc_client,
     )
+
+
+def _upstreams(given: list[str]) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """The default upstream's address and the named ones from the ``--upstream`` options;
+    ConfigError for a name given twice."""
+    default = "127.0.0.1:8080"
+    named: dict[str, str] = {}
+    for value in given:
+        name, sep, address = value.rpartition("=")
+        if not sep or name == "upstream":
+            default = address
+        elif name in named:
+            raise ConfigError(f"--upstream: {name} is given twice")
+        else:
+            named[name] = address
+    return default, tuple(named.items())
 
 
 def _check_host_addresses(addresses: list[str]) -> None:

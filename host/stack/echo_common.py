@@ -1,5 +1,5 @@
 """What both echo upstreams share: the ``GET .../bytes/<n>`` pattern, the listening line, the
-stop signal.
+stop signal; and the ``.../inspect`` report of what a request looked like on arrival.
 
 ``pattern(n)`` is deterministic forever, so a test can check a response body that no request
 body stands behind.
@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import re
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from ..listeners import ListenAddress
 
@@ -19,6 +20,28 @@ from ..listeners import ListenAddress
 CHUNK = 64 * 1024
 
 BYTES_PATH = re.compile(r"(?:^|/)bytes/(\d+)$")
+#: A path (before any query) ending here is answered with :func:`inspect_report`.
+INSPECT_PATH = re.compile(r"(?:^|/)inspect$")
+#: The response header naming the upstream that answered (``extproc-host echo --tag NAME``).
+TAG_HEADER = "x-upstream"
+
+
+def inspect_report(method: str, path: str, headers: Sequence[tuple[str, str]], body: bytes) -> bytes:
+    """What the upstream received, as JSON: the method, the path, the headers (lower-case
+    names, in order) and the body (text when it is UTF-8, else its size and SHA-256)."""
+    try:
+        text: str | None = body.decode()
+    except UnicodeDecodeError:
+        text = None
+    report = {
+        "method": method,
+        "path": path,
+        "headers": [[name.lower(), value] for name, value in headers],
+        "body": text,
+        "body_size": len(body),
+        "body_sha256": hashlib.sha256(body).hexdigest(),
+    }
+    return json.dumps(report).encode()
 
 
 def _pattern_block() -> bytes:

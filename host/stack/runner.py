@@ -142,17 +142,19 @@ def rewrite_envoy_config(
     upstream_port: int,
     address: str = "127.0.0.1",
     extproc_pipe: str | None = None,
+    upstream_ports: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """A copy of an Envoy bootstrap with listeners and admin on ``address`` port 0 and the
-    ``extproc`` and ``upstream`` clusters pointed at 127.0.0.1 and the given ports (the
-    ``extproc`` cluster at the Unix socket ``extproc_pipe`` instead, when given)."""
+    ``extproc`` and ``upstream`` clusters (and those of ``upstream_ports``, by name) pointed
+    at 127.0.0.1 and the given ports (the ``extproc`` cluster at the Unix socket
+    ``extproc_pipe`` instead, when given)."""
     config: dict[str, Any] = json.loads(json.dumps(template))  # deep copy, plain types
     admin_address = config.setdefault("admin", {}).setdefault("address", {})
     admin_address["socket_address"] = {"address": "127.0.0.1", "port_value": 0}
     static = config.get("static_resources", {})
     for listener in static.get("listeners", []):
         listener["address"]["socket_address"].update(address=address, port_value=0)
-    ports = {"upstream": upstream_port, "extproc": extproc_port}
+    ports = {"upstream": upstream_port, "extproc": extproc_port, **(upstream_ports or {})}
     seen = set()
     for cluster in static.get("clusters", []):
         name = cluster.get("name")
@@ -169,8 +171,9 @@ def rewrite_envoy_config(
             "cluster_name": name,
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket_address}}]}],
         }
-    if "upstream" not in seen:
-        raise StackError("the Envoy config has no 'upstream' cluster")
+    missing = [name for name in ("upstream", *(upstream_ports or {})) if name not in seen]
+    if missing:
+        raise StackError(f"the Envoy config has no {', '.join(repr(name) for name in missing)} cluster")
     target = f"unix:{extproc_pipe}" if extproc_pipe is not None else f"127.0.0.1:{extproc_port}"
     google = _point_google_grpc(config, target)  # ext_proc filters with gRPC's own client
     if (extproc_port is not None or extproc_pipe is not None) and "extproc" not in seen and not google:
@@ -214,8 +217,11 @@ class Stack:
     Envoy's ``extproc`` cluster at that socket (``pipe``).
     ``envoy_edit``: called with the rewritten Envoy bootstrap (a dict) before Envoy starts,
     to change it in place (e.g. TLS on the ``extproc`` cluster).
-    ``envoy_config_args``: more ``extproc-host envoy-config`` options when Envoy's config is
-    generated (e.g. ``["--grpc-client", "google"]``).
+    ``upstreams``: names of more upstreams: each an echo of its own (``extproc-host echo --tag
+    NAME``, answers carry ``x-upstream: NAME``) behind Envoy's cluster of that name; the main
+    echo is then tagged ``upstream``.
+    ``envoy_config_args``: more options for the generated Envoy config's ``extproc-host
+    envoy-config`` (``["--access-log", path]``, ``["--grpc-client", "google"]``).
     """
 
     def __init__(
@@ -237,6 +243,7 @@ class Stack:
         start: bool = True,
         host_listen: str = "127.0.0.1:0",
         envoy_edit: Callable[[dict[str, Any]], None] | None = None,
+        upstreams: Sequence[str] = (),
         envoy_config_args: Sequence[str] = (),
     ) -> None:
         self.envoy_template = project_path(envoy_config) if envoy_config is not None else None
@@ -257,7 +264,9 @@ class Stack:
         self.keep_temp = keep_temp
         self.host_listen = host_listen
         self.envoy_edit = envoy_edit
+        self.upstreams = list(upstreams)
         self.envoy_config_args = list(envoy_config_args)
+        self.upstream_ports: dict[str, int] = {}  # the extra upstreams' echo ports, by name
         self.host_socket: str | None = None  # the host's Unix socket, when it listens on one
 
         self.tmpdir: Path | None = None
@@ -331,13 +340,19 @@ class Stack:
         _live_stacks.add(self)
         try:
             echo_cmd = self.echo_command or [*extproc_host_command(), "echo", "--listen", "127.0.0.1:0"]
+            if self.upstreams and self.echo_command is None:
+                echo_cmd = [*echo_cmd, "--tag", "upstream"]
             self._spawn("echo", echo_cmd)
+            for name in self.upstreams:
+                self._spawn(f"echo-{name}", [*extproc_host_command(), "echo", "--listen", "127.0.0.1:0", "--tag", name])
             if self.host_command is not None:
                 self._spawn("host", self.host_command, env=self.host_env)
             elif self.host_config is not None:
                 self._spawn("host", self._host_cmd(), env=self.host_env)
             deadline = time.monotonic() + self.startup_timeout
             self.echo_port = self._wait_listening("echo", deadline)
+            for name in self.upstreams:
+                self.upstream_ports[name] = self._wait_listening(f"echo-{name}", deadline)
             if "host" in self._procs:
                 if self.host_listen.startswith("unix:"):
                     self.host_socket = self._wait_listening_unix("host", deadline)
@@ -416,6 +431,7 @@ class Stack:
             return loaded
         generated = self.tmpdir / "envoy-generated.yaml"
         cmd = [*extproc_host_command(), "envoy-config", "-o", str(generated), *self.envoy_config_args]
+        cmd += [f"--upstream={name}=127.0.0.1:9" for name in self.upstreams]  # pointed at the echo below
         if self.host_config is not None:
             cmd += ["--config", str(self.host_config)]
         else:
@@ -431,7 +447,11 @@ class Stack:
         assert self.tmpdir is not None
         template = self._envoy_template()
         config = rewrite_envoy_config(
-            template, extproc_port=self.host_port, upstream_port=self.echo_port or 0, extproc_pipe=self.host_socket
+            template,
+            extproc_port=self.host_port,
+            upstream_port=self.echo_port or 0,
+            extproc_pipe=self.host_socket,
+            upstream_ports=self.upstream_ports,
         )
         if self.envoy_edit is not None:
             self.envoy_edit(config)
@@ -509,7 +529,7 @@ class Stack:
         with self._lock:
             procs = list(self._procs.values())
             self._procs.clear()
-        # Envoy first (no new traffic), then the host, then the echo.
+        # Envoy first (no new traffic), then the host, then the echoes.
         procs.sort(key=lambda p: {"envoy": 0, "host": 1, "echo": 2}.get(p.name, 3))
         for proc in procs:
             _signal_group(proc.popen, signal.SIGTERM)
@@ -529,6 +549,7 @@ class Stack:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
         self.tmpdir = None
         self.echo_port = self.host_port = self.envoy_port = None
+        self.upstream_ports = {}
         self.host_socket = None
         self.admin_address = None
         self.metrics_url = None

@@ -56,7 +56,36 @@ class CloseOnly(Plugin):
         pass
 
 
+class Auditor(Plugin):
+    """Reads the client's address and a jwt_authn payload; writes its verdict as metadata."""
+
+    name = "auditor"
+    needs = Needs(
+        request_headers=True,
+        request_attributes=["source.address"],
+        response_attributes=["response.code"],
+        reads_metadata=["envoy.filters.http.jwt_authn"],
+        writes_metadata=["acme.audit"],
+    )
+
+
+class Router(Plugin):
+    """Changes :authority and re-routes."""
+
+    name = "router"
+    needs = Needs(request_headers=True, reroutes=True, routing_headers=True)
+
+
+class Streamer(Plugin):
+    """Streams request bodies (and may skip them)."""
+
+    name = "streamer"
+
+    def on_request_body(self, chunk: bytes) -> bytes:
+        return chunk
+
+
 @hookimpl
 def register_plugins(register):
-    for cls in (ResponseOnly, WholeRequest, RequestTrailers, StampResponse, CloseOnly):
+    for cls in (ResponseOnly, WholeRequest, RequestTrailers, StampResponse, CloseOnly, Auditor, Router, Streamer):
         register(cls)

@@ -20,10 +20,11 @@ ROOT = Path(__file__).resolve().parents[2] / "host"
 #: its own layer when listed in ALLOWED_SAME_LAYER).
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "wire"),
-    ("listeners", "drain", "data"),
+    ("listeners", "drain", "data", "mutation_rules"),
     ("plugin",),
     ("hookspecs", "routes", "settings"),
     ("chain", "protocol", "metrics", "modes", "logs", "health", "reclaim"),
+    ("control",),
     ("processor", "registry"),
     ("admission",),
     ("upkeep", "observe"),
