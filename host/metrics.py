@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from .plugin import DIRECTIONS, TIMED_HOOKS, overridden_hooks
 from .routes import Route
+from .wire import Budget
 
 OUTCOMES = ("ok", "rejected", "failed", "aborted", "refused")
 WAYS = ("in", "out")  # in: received from Envoy; out: what the chain passed on
@@ -57,7 +58,7 @@ class Metrics(Collector):
         self.timers: dict[tuple[str, str], HookTimer] = {}
         self.errors: dict[str, int] = {}
         self.active: Callable[[], float] = lambda: 0
-        self.held: Callable[[], float] = lambda: 0
+        self.budget: Budget | None = None
         self.refused: dict[str, int] = {}  # reason -> new streams refused
         self.limit_failures: dict[str, int] = {}  # [server] setting -> streams failed by it
         self.reclaims = 0  # memory reclaims after streams ended abnormally
@@ -84,12 +85,11 @@ class Metrics(Collector):
     def plugin_failed(self, plugin: str) -> None:
         self.errors[plugin] = self.errors.get(plugin, 0) + 1
 
-    def track_active(self, count: Callable[[], float], held: Callable[[], float] | None = None) -> None:
-        """Read the open-stream gauge from ``count()`` (and the held-bytes gauge from
-        ``held()``) at each scrape (nothing on the hot path)."""
+    def track_active(self, count: Callable[[], float], budget: Budget | None = None) -> None:
+        """Read the open-stream gauge from ``count()`` (and the budget's gauges from ``budget``)
+        at each scrape (nothing on the hot path)."""
         self.active = count
-        if held is not None:
-            self.held = held
+        self.budget = budget
 
     def collect(self) -> Iterator[Metric]:
         """The metric families, built from the plain counts (called by the exporter at scrape)."""
@@ -125,10 +125,21 @@ class Metrics(Collector):
         active = GaugeMetricFamily(
             "extproc_active_streams", "ext_proc streams open now (plugins not closed yet)", value=self.active()
         )
+        budget = self.budget
         held = GaugeMetricFamily(
             "extproc_held_bytes",
-            "Body bytes the open streams' answers hold now ([server] max_held_bytes bounds it)",
-            value=self.held(),
+            "Bytes the open streams reserve and hold now, against the budget ([server] max_held_bytes)",
+            value=budget.total if budget is not None else 0,
+        )
+        reserved = GaugeMetricFamily(
+            "extproc_reserved_bytes",
+            "Of extproc_held_bytes, what open streams reserve (the stream and its first window)",
+            value=budget.reserved if budget is not None else 0,
+        )
+        held_back = CounterMetricFamily(
+            "extproc_windows_held_back",
+            "Stream windows left at their first size because the budget had no room (Envoy held back)",
+            value=budget.held_back if budget is not None else 0,
         )
         refused = CounterMetricFamily(
             "extproc_streams_refused",
@@ -147,7 +158,7 @@ class Metrics(Collector):
         reclaims = CounterMetricFamily(
             "extproc_memory_reclaims", "Garbage collections run after streams ended abnormally", value=self.reclaims
         )
-        return iter((streams, body, hooks, errors, active, held, refused, limits, reclaims))
+        return iter((streams, body, hooks, errors, active, held, reserved, held_back, refused, limits, reclaims))
 
     def serve(self, host: str, port: int) -> int:
         """Start the HTTP exporter (a daemon thread) on ``host:port``; return the bound port."""

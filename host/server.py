@@ -268,7 +268,7 @@ async def serve(
     pm.hook.host_started(settings=settings)
     await health.serving()
     if metrics is not None:
-        metrics.track_active(lambda: servicer.active, lambda: servicer.admission.held)
+        metrics.track_active(lambda: servicer.active, servicer.admission.budget)
     # Everything loaded so far lives as long as the process: keep it out of every collection.
     gc.collect()
     gc.freeze()

@@ -523,18 +523,20 @@ def build_bootstrap(
             # No panic mode: with fewer than half the replicas healthy (scaling 3 -> 1), Envoy
             # would otherwise spread streams over the stopping ones too, which refuse them.
             extproc.common_lb_config = ClusterCommonLbConfig(healthy_panic_threshold=Percent(value=0))
+        # Envoy opens no more streams on a connection than the host takes: without it, Envoy's
+        # first burst on a new connection, before the host's SETTINGS arrive, may pass the limit
+        # and the streams over it are refused (Envoy's gRPC client does not retry them).
+        h2 = Http2ProtocolOptions(max_concurrent_streams=settings.server.http2.max_concurrent_streams)
         if options.extproc_window is not None:
-            h2 = Http2ProtocolOptions(
-                initial_stream_window_size=options.extproc_window,
-                initial_connection_window_size=16 * options.extproc_window,
-            )
-            extproc.typed_extension_protocol_options = {
-                HTTP_OPTIONS: AnyMessage.pack(
-                    HttpProtocolOptions(
-                        explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=h2)
-                    )
+            h2.initial_stream_window_size = options.extproc_window
+            h2.initial_connection_window_size = 16 * options.extproc_window
+        extproc.typed_extension_protocol_options = {
+            HTTP_OPTIONS: AnyMessage.pack(
+                HttpProtocolOptions(
+                    explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=h2)
                 )
-            }
+            )
+        }
         extproc.per_connection_buffer_limit_bytes = options.extproc_buffer_limit
         clusters.append(extproc)
     clusters.extend(_upstream_clusters(ordered, options, source))

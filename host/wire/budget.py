@@ -7,26 +7,25 @@ Two kinds of charges share it:
   streams are refused only when reservations alone would pass the limit.
 - **Bytes** (:meth:`Budget.take`): request messages received and not yet taken by the stream's
   chain, answers on their way out, observers' queues, and the window granted to a stream beyond
-  its first. Past the limit nothing is refused: the builtin gRPC server stops giving window
-  back, so flow control holds the peer's bytes on its side until the held ones are released.
+  its first. Past the limit nothing is refused: the builtin gRPC server grows no stream's
+  window beyond its first (what its reservation counts), so flow control holds the peer's
+  bytes on its side and every stream goes on at that pace.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 
 class Budget:
     """Bytes the open streams hold (``held``) and reserve (``reserved``) against ``limit``
     (0: no limit)."""
 
-    __slots__ = ("held", "limit", "reserved", "starved")
+    __slots__ = ("held", "held_back", "limit", "reserved")
 
     def __init__(self, limit: int = 0) -> None:
         self.limit = limit
         self.held = 0
         self.reserved = 0
-        self.starved: dict[int, Callable[[], None]] = {}  # callbacks to run once under the limit
+        self.held_back = 0  # windows that could not grow for lack of room
 
     @property
     def total(self) -> int:
@@ -53,27 +52,11 @@ class Budget:
     def unreserve(self, size: int) -> None:
         """A stream's reservation ends."""
         self.reserved -= size
-        self._wake()
 
     def take(self, size: int) -> None:
         """Count ``size`` more bytes held."""
         self.held += size
 
     def give(self, size: int) -> None:
-        """``size`` bytes are not held any more; those who waited for room are called."""
+        """``size`` bytes are not held any more."""
         self.held -= size
-        self._wake()
-
-    def wait(self, key: int, resume: Callable[[], None]) -> None:
-        """Call ``resume`` once the total is under the limit again."""
-        self.starved[key] = resume
-
-    def forget(self, key: int) -> None:
-        """No more call for ``key``."""
-        self.starved.pop(key, None)
-
-    def _wake(self) -> None:
-        if self.starved and not self.over:
-            waiting, self.starved = self.starved, {}
-            for resume in waiting.values():
-                resume()

@@ -112,6 +112,13 @@ def test_workers_restarted_with_envoy_connected_listen_at_once(tmp_path: Path, p
             )
 
         assert [e.status for e in asyncio.run(some())] == [200] * 10
+        # A connection the host closes first (garbage: GOAWAY, then its FIN) stays in TIME_WAIT
+        # on the host's port, whoever closes Envoy's connections at shutdown.
+        with socket.create_connection(("127.0.0.1", stack.host_port)) as raw:
+            raw.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            raw.settimeout(5)
+            while raw.recv(65536):
+                pass
         stack.send_signal("host", signal.SIGTERM)
         assert stack.wait_exit("host", timeout=30) == 0
         port = stack.host_port

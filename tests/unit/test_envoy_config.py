@@ -247,7 +247,11 @@ def test_envoy_memory_options_set_windows_and_buffer_limits(tmp_path: Path) -> N
     extproc = cluster(small, "extproc")
     h2 = extproc["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
     windows = h2["explicit_http_config"]["http2_protocol_options"]
-    assert windows == {"initial_stream_window_size": 65536, "initial_connection_window_size": 16 * 65536}
+    assert windows == {
+        "max_concurrent_streams": 1000,  # [server.http2] max_concurrent_streams: never more than the host takes
+        "initial_stream_window_size": 65536,
+        "initial_connection_window_size": 16 * 65536,
+    }
     assert extproc["per_connection_buffer_limit_bytes"] == 65536
     assert small["static_resources"]["listeners"][0]["per_connection_buffer_limit_bytes"] == 32768
 

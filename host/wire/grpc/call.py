@@ -69,6 +69,7 @@ class Windows:
             return 0
         budget = self.budget
         if budget.limit and (not budget.fits(grow) or self.granted + grow > budget.limit >> 1):
+            budget.held_back += 1
             return 0
         budget.take(grow)
         self.granted += grow
@@ -201,16 +202,14 @@ class Call:
             waiter.set_result(None)
 
     def credit(self) -> None:
-        """Give received bytes back to the peer's window (growing it as :class:`Windows`
-        allows), unless the budget is reached: then once it is not."""
+        """Give the bytes the handler took back to the peer's window, and grow the window as
+        :class:`Windows` allows. Giving back never waits on the budget: a window only holds what
+        its reservation or its growth already counted; past the budget windows stop growing, so
+        every stream goes on at its first window's pace."""
         stream = self.stream
         if stream.closed or stream.remote_closed:
             return
-        windows = self.windows
-        if windows.budget.over:
-            windows.budget.wait(id(self), self.credit)
-            return
-        grow = windows.grant(stream)
+        grow = self.windows.grant(stream)
         self.grown += grow
         self.conn.credit(stream, grow)
 
@@ -331,7 +330,6 @@ class Call:
 
     def _release(self) -> None:
         self.messages.release()
-        self.windows.budget.forget(id(self))
         if self.grown:
             self.windows.give_back(self.grown)
             self.grown = 0

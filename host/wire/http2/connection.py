@@ -56,6 +56,7 @@ from .frames import (
     RST_STREAM,
     SETTINGS,
     SETTINGS_ACK,
+    SETTINGS_TIMEOUT,
     STREAM_CLOSED,
     WINDOW_UPDATE,
     ConnectionFault,
@@ -178,6 +179,7 @@ class Connection:
         # Reading.
         self.preface_done = False
         self.settings_received = False
+        self.settings_acked = False  # the peer acknowledged the server's SETTINGS
         self.pending: list[bytes] = []  # the start of a frame, in the pieces reads brought
         self.pending_size = 0
         self.needed = 0
@@ -332,10 +334,17 @@ class Connection:
         if self.closed:
             return
         limits = self.limits
-        if not self.settings_received:
+        if not self.settings_received or not self.settings_acked:
             if now - self.started > limits.preface_timeout:
-                self._give_up(PROTOCOL_ERROR, f"no connection preface and SETTINGS within {limits.preface_timeout:g}s")
-            return
+                if not self.settings_received:
+                    self._give_up(
+                        PROTOCOL_ERROR, f"no connection preface and SETTINGS within {limits.preface_timeout:g}s"
+                    )
+                else:  # section 6.5.3
+                    self._give_up(SETTINGS_TIMEOUT, f"SETTINGS not acknowledged within {limits.preface_timeout:g}s")
+                return
+            if not self.settings_received:
+                return
         if self.partial_since is not None and now - self.partial_since > limits.frame_timeout:
             self._give_up(ENHANCE_YOUR_CALM, f"a frame or header block incomplete for {limits.frame_timeout:g}s")
         elif (
@@ -568,7 +577,10 @@ class Connection:
             return
         if self_dependent:
             raise StreamFault(stream_id, PROTOCOL_ERROR, "HEADERS makes the stream depend on itself")
-        if len(self.streams) >= self.limits.max_concurrent_streams:
+        limit = self.limits.max_concurrent_streams
+        if not self.settings_acked:  # what the peer sent before it read the limit: twice the limit
+            limit *= 2
+        if len(self.streams) >= limit:
             self._spend(self.resets, "refused streams")
             self.write(rst_stream_frame(stream_id, REFUSED_STREAM))
             self._remember(stream_id, RESET_SENT)
@@ -649,6 +661,7 @@ class Connection:
     def _settings(self, flags: int, payload: memoryview) -> None:
         pairs = read_settings(flags, payload)
         if flags & ACK:  # the server's SETTINGS apply from now on (the server sends one only)
+            self.settings_acked = True
             delta = self.limits.initial_window - self.recv_initial
             if delta:
                 self.recv_initial = self.limits.initial_window
