@@ -310,7 +310,8 @@ def test_page_commands_run_as_written(
         current.run(block, recipe)
         ran += 1
     assert ran, f"no block of {page} ran in {place}"
-    assert _checkout_status() == before, "the blocks changed files of the checkout"
+    if place == "checkout":  # the view links the checkout: what a block writes must land beside it
+        assert _checkout_status() == before, "the blocks changed files of the checkout"
 
 
 def _checkout_status() -> str:
