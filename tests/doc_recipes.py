@@ -20,6 +20,7 @@ block down (``70M`` -> ``2M``), and commands run after it whose output the test 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,11 +50,15 @@ class Recipe:
     #: page's last block ran.
     place: str
     #: (text of the block, what it becomes): each text must occur in the block. ``{tmp}``,
-    #: ``{repo}``, ``{venv}`` and ``{port[name]}`` are filled in.
+    #: ``{repo}``, ``{venv}``, ``{wheel}`` (the installed environment's wheel) and
+    #: ``{port[name]}`` are filled in.
     subs: tuple[tuple[str, str], ...] = ()
     #: Commands run after the block, in its shell; each must succeed. The test reads their
     #: output (``after`` results) in its checks.
     after: tuple[str, ...] = ()
+    #: False: the test does not wait for the block's servers; the block waits for them itself,
+    #: as it must when a reader pastes it whole into a shell.
+    waits: bool = True
     #: Extra environment for the block's shell.
     env: dict[str, str] = field(default_factory=dict)
     #: Assertions on what the block and its ``after`` commands printed.
@@ -75,9 +80,17 @@ def _uploads_came_back(ran: Ran) -> None:
 
 
 def _installed_run(ran: Ran) -> None:
-    """README's installed run: the upload came back, and file_tee copied it both ways."""
+    """README's installed run: the host served, the upload came back, and file_tee copied it
+    both ways (an observe-only route: the copies may end a moment after the client's answer)."""
+    assert ran.outputs[-3].strip() == "SERVING", ran.outputs[-3]
     assert ran.outputs[-1] == "hello", ran.outputs[-1]
-    assert sorted(name.rsplit("-", 1)[-1] for name in ran.after[0].split()) == ["request.body", "response.body"]
+    deadline = time.monotonic() + 20
+    while True:
+        copies = sorted(path.name.rsplit("-", 1)[-1] for path in (ran.cwd / "tee").glob("*.body"))
+        if copies == ["request.body", "response.body"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert copies == ["request.body", "response.body"], copies
 
 
 def _zstd_round_trips(ran: Ran) -> None:
@@ -95,6 +108,21 @@ def _both_hosts(ran: Ran) -> None:
     assert ran.after[2].strip() == "1", "the second host is not an endpoint of the generated cluster"
 
 
+def _live(ran: Ran) -> None:
+    assert ran.after[0].strip() == "LIVE", ran.after
+
+
+def _demo_results(ran: Ran) -> None:
+    assert "every body came back byte for byte" in ran.outputs[-1], ran.outputs[-1][-2000:]
+    (results,) = (ran.cwd / "demo-results").iterdir()
+    assert (results / "rss.png").is_file() and (results / "samples.json").is_file()
+
+
+def _make_demo(ran: Ran) -> None:
+    assert "every body came back byte for byte" in ran.outputs[0], ran.outputs[0][-2000:]
+    assert "pytest" in ran.outputs[1], "make --dry-run test plans no pytest run"
+
+
 def _built(ran: Ran) -> None:
     names = ran.after[0].split()
     assert any(n.endswith(".whl") for n in names) and any(n.endswith(".tar.gz") for n in names), names
@@ -109,6 +137,7 @@ RECIPES: tuple[Recipe, ...] = (
             ("make demo   #", "make demo ARGS='-n 2 --size-mib 2 --results {tmp}/demo-results'   #"),
             ("make test   #", "make --dry-run test   #"),
         ),
+        check=_make_demo,
         why="the demo scaled down to 2 uploads of 2 MiB; make test is this very run, so only planned (--dry-run)",
     ),
     Recipe(
@@ -121,6 +150,7 @@ RECIPES: tuple[Recipe, ...] = (
             ("$(seq 10)", "$(seq 3)"),
         ),
         after=("ls temp",),
+        check=_uploads_came_back,
         why="3 uploads of 2 MiB instead of 10 of 70 MiB; every echo's sha256 must be the file's, and "
         "file_tee must have copied each body both ways into ./temp",
     ),
@@ -138,8 +168,9 @@ RECIPES: tuple[Recipe, ...] = (
         "README.md",
         match="extproc-host init --envoy",
         place="installed",
-        after=("ls tee",),
-        why="file_tee must have copied the upload into ./tee",
+        waits=False,
+        check=_installed_run,
+        why="pasted whole (the block waits for its servers itself); file_tee must copy the upload into ./tee",
     ),
     Recipe("docs/configuration.md", match="key 'routes.default.chain[0]'", place="installed"),
     Recipe("docs/configuration.md", match="$ sed -i", place="installed"),
@@ -156,11 +187,12 @@ RECIPES: tuple[Recipe, ...] = (
         place="installed",
         subs=(
             ("python3.11 -m venv venv && . venv/bin/activate", ". {venv}/bin/activate"),
-            ("./extproc-host[", "{repo}["),
+            ("./extproc-host[", "{wheel}["),
             ("extproc-host demo ", "extproc-host demo -n 2 --size-mib 2 "),
         ),
-        after=("ls demo-results",),
-        why="the fresh environment is activated, the clone is this checkout; 2 uploads of 2 MiB",
+        check=_demo_results,
+        why="the fresh environment is activated, the clone is the wheel built from this checkout (README's block "
+        "installs from the directory itself); 2 uploads of 2 MiB",
     ),
     Recipe("docs/envoy-config.md", match="extproc-host envoy-config --config bad.toml", place="installed"),
     Recipe(
@@ -169,14 +201,15 @@ RECIPES: tuple[Recipe, ...] = (
         place="checkout",
         subs=(("--disable-hot-restart", "--disable-hot-restart &"),),
         after=("curl -sf localhost:{port[admin]}/ready",),
+        check=_live,
         why="Envoy runs in the background, not in the foreground, until its admin interface says LIVE",
     ),
     Recipe(
         "docs/plugin-guide.md",
         match="extproc-host new-plugin card-redact",
         place="installed",
-        subs=(("pip install './extproc-host[testing]'", "pip install '{repo}[testing]'"),),
-        why="the clone is this checkout",
+        subs=(("pip install './extproc-host[testing]'", "pip install '{wheel}[testing]'"),),
+        why="the clone is the wheel built from this checkout (README's block installs from the directory itself)",
     ),
     Recipe("docs/plugin-guide.md", match="$ pytest", place="installed"),
     Recipe("docs/plugin-guide.md", match="extproc-host check --config host.toml", place="installed"),
@@ -186,12 +219,14 @@ RECIPES: tuple[Recipe, ...] = (
         place="installed",
         subs=(("twine upload dist/*", "twine check dist/*"),),
         after=("ls dist",),
+        check=_built,
         why="nothing is uploaded: twine checks what it would upload",
     ),
     Recipe(
         "docs/plugins.md",
         match="config/zstd.toml",
         place="checkout",
+        check=_zstd_round_trips,
         why="the zstd round trips must give README.md back",
     ),
     Recipe(
@@ -201,6 +236,7 @@ RECIPES: tuple[Recipe, ...] = (
         subs=(("--workers 4", "--workers 2 &"),),
         after=(".venv/bin/extproc-host health 127.0.0.1:{port[host]}",),
         env={"EXTPROC_PLUGINS__FILE_TEE__DIRECTORY": "{tmp}/tee"},
+        check=_serving,
         why="two workers, in the background, until the health check answers SERVING",
     ),
     Recipe(
@@ -212,6 +248,7 @@ RECIPES: tuple[Recipe, ...] = (
             "extproc-host health 127.0.0.1:{port[host2]}",
             "grep -c 'port_value: {port[host2]}' envoy.yaml",
         ),
+        check=_both_hosts,
         why="both hosts must answer SERVING and be endpoints of the generated cluster",
     ),
 )

@@ -23,6 +23,7 @@ class Installed:
     venv: Path
     workdir: Path
     env: dict[str, str]
+    wheel: Path
 
     def bin(self, name: str) -> str:
         return str(self.venv / "bin" / name)
@@ -94,4 +95,4 @@ def install_fresh(root: Path) -> Installed:
     assert install.returncode == 0, install.stderr[-4000:]
     workdir = root / "empty"
     workdir.mkdir()
-    return Installed(venv, workdir, clean_env(venv))
+    return Installed(venv, workdir, clean_env(venv), wheel)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -152,9 +153,8 @@ class Page:
                 command = command.replace(f"-c {envoy.group(1)}", f"-c {copy}", 1)
                 command = f"test_ports {envoy.group(1)} {copy} && {command}"
             background = runs_in_background(command)
-            steps.append(
-                Step(text, command, output or None, background, self._listens_on(command) if background else None)
-            )
+            wait_for = self._listens_on(command) if background and recipe.waits else None
+            steps.append(Step(text, command, output or None, background, wait_for))
         return steps
 
     def _listens_on(self, command: str) -> int | None:
@@ -265,12 +265,16 @@ def page_factory() -> Iterator[list[Page]]:
 
 
 def _checkout_view(directory: Path) -> Path:
-    """A directory whose entries link the checkout's: blocks read the repository, and what
-    they write (./temp, envoy.yaml) lands here."""
+    """A directory with the checkout's files: blocks read the repository, and what they write
+    (./temp, envoy.yaml) lands here. Directories are links; files are copies, with their times
+    (some tools refuse a link: ``zstd -c README.md``; make compares pyproject.toml's time)."""
     directory.mkdir()
     for name in _CHECKOUT:
-        if (PROJECT_ROOT / name).exists():
-            (directory / name).symlink_to(PROJECT_ROOT / name)
+        source = PROJECT_ROOT / name
+        if source.is_dir():
+            (directory / name).symlink_to(source)
+        elif source.exists():
+            shutil.copy2(source, directory / name)
     return directory
 
 
@@ -285,15 +289,21 @@ def test_page_commands_run_as_written(
         cwd = tmp_path / "reader"
         cwd.mkdir()
         env = {**installed.env, "VIRTUAL_ENV": str(installed.venv)}
-        venv = installed.venv
+        venv, wheel = installed.venv, installed.wheel
     else:
         cwd = _checkout_view(tmp_path / "checkout")
         env = clean_env(PROJECT_ROOT / ".venv")
         env["PATH"] = env["PATH"].split(os.pathsep, 1)[1]  # the checkout's commands are run as .venv/bin/...
-        venv = PROJECT_ROOT / ".venv"
+        venv, wheel = PROJECT_ROOT / ".venv", None
     env["EXTPROC_SERVER__LISTEN"] = f"127.0.0.1:{ports['host']}"
     current = Page(
-        page, place, cwd, tmp_path, env, ports, {"tmp": tmp_path, "repo": PROJECT_ROOT, "venv": venv, "port": ports}
+        page,
+        place,
+        cwd,
+        tmp_path,
+        env,
+        ports,
+        {"tmp": tmp_path, "repo": PROJECT_ROOT, "venv": venv, "wheel": wheel, "port": ports},
     )
     page_factory.append(current)
     before = _checkout_status()
