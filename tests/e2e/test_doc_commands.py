@@ -126,6 +126,7 @@ class Page:
     ports: dict[str, int]
     values: dict[str, object]
     groups: list[int] = field(default_factory=list)
+    written: set[Path] = field(default_factory=set)  # files written from titled blocks
 
     def fill(self, text: str) -> str:
         return text.format_map(self.values)
@@ -336,10 +337,9 @@ def _write_titled(page: Page, block: Block) -> None:
     """Write a block that names its file (``title="..."``) where the reader stands: the first
     block of a name replaces the file, the next ones of the same name add to it."""
     path = page.cwd / block.attributes["title"]
-    written: set[Path] = page.values.setdefault("written", set())  # type: ignore[assignment]
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path in written:
+    if path in page.written:
         path.write_text(path.read_text() + "\n\n" + block.code)
     else:
         path.write_text(block.code)
-        written.add(path)
+        page.written.add(path)
