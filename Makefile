@@ -22,11 +22,13 @@ demo: venv
 test: lint
 	$(VENV)/bin/python -m pytest -q -ra
 
-## make lint: ruff (lint, format, import order) and mypy (strict on the serving core).
-LINTED := host plugins tests benchmarks examples
+## make lint: ruff (lint, format, import order), zizmor (the GitHub workflows: schema and security, offline)
+## and mypy (strict on the serving core).
+LINTED := host plugins tests benchmarks examples .github
 lint: venv
 	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check $(LINTED)
+	$(VENV)/bin/zizmor --offline --strict-collection --quiet .github/workflows
 	@# mypy reads the packages under their installed names: extproc_host is host/, extproc_host_plugins is plugins/.
 	mkdir -p build/typecheck
 	ln -sfn ../../host build/typecheck/extproc_host

@@ -92,6 +92,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     probe.add_argument("--service", default="", help="service name to ask about (default: the whole server)")
     probe.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer (default 5)")
+    probe.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="keep asking for up to S seconds until the host answers SERVING (after starting one in a script)",
+    )
     probe.add_argument("--ca-file", help="TLS: verify the host's certificate against this CA")
     probe.set_defaults(handler=_health)
 
@@ -187,7 +194,11 @@ def _supervise(args: argparse.Namespace, address: ListenAddress, workers: int, m
 
 
 def _health(args: argparse.Namespace) -> int:
-    """Print the host's health status; 0 when SERVING, 1 otherwise or when unreachable."""
+    """Print the host's health status; 0 when SERVING, 1 otherwise or when unreachable. With
+    ``--wait S``, ask again every 0.2 s while the host is not there or not SERVING, for up to
+    S seconds."""
+    import time
+
     import grpc
 
     from .health import check
@@ -197,15 +208,23 @@ def _health(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(f"address: {exc}") from None
     target = address.reachable().target()
-    try:
-        status = check(target, args.service, args.timeout, args.ca_file)
-    except grpc.RpcError as exc:
-        why = f"no service named {args.service!r}" if exc.code() == grpc.StatusCode.NOT_FOUND else exc.details()
-        print(f"extproc-host health: {target}: {exc.code().name}: {why}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"extproc-host health: {exc}", file=sys.stderr)
-        return 1
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            status = check(target, args.service, args.timeout, args.ca_file)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline:
+                time.sleep(0.2)
+                continue
+            why = f"no service named {args.service!r}" if exc.code() == grpc.StatusCode.NOT_FOUND else exc.details()
+            print(f"extproc-host health: {target}: {exc.code().name}: {why}", file=sys.stderr)
+            return 1
+        except OSError as exc:
+            print(f"extproc-host health: {exc}", file=sys.stderr)
+            return 1
+        if status == "SERVING" or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
     print(status)
     return 0 if status == "SERVING" else 1
 

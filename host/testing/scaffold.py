@@ -185,12 +185,15 @@ chain = ["$plugin"]
 
 README = Template("""# $distribution
 
-An [extproc-host](https://pypi.org/project/extproc-host/) plugin, `$plugin`: replaces a word in
-response bodies as they stream through Envoy, wherever the chunks are cut.
+An extproc-host plugin, `$plugin`: replaces a word in response bodies as they stream through
+Envoy, wherever the chunks are cut.
 
 ## Use it
 
-    pip install $distribution
+In the environment where extproc-host is installed, from this directory (or, once it is
+published, by its name, `$distribution`):
+
+    pip install .
     extproc-host plugins          # lists $plugin
 
 ```toml

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from e2e_clients import Payload, write_payload
+from installed import Installed, install_fresh
 
 from extproc_host.stack import Stack
 
@@ -48,3 +49,10 @@ def _clear_tee_files(tee_directory: Path) -> Iterator[None]:
     yield
     for path in tee_directory.iterdir():
         path.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    """The project's wheel installed with the demo and testing extras in a fresh virtual
+    environment outside the checkout, and an empty working directory."""
+    return install_fresh(tmp_path_factory.mktemp("installed"))

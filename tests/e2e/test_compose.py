@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from extproc_host.stack import PROJECT_ROOT, envoy_binary, extproc_host_command, validate_envoy_config
+from tests.docblocks import code_blocks
 
 pytestmark = pytest.mark.e2e
 
@@ -122,7 +123,53 @@ def test_containers_run_as_a_non_root_user_the_compose_file_lets_you_set(compose
     assert users and users[-1] not in ("root", "0")
     # The last USER comes after every install step.
     assert dockerfile.rindex("USER ") > dockerfile.rindex("pip install")
-    assert compose["services"]["host"]["user"] == "${EXTPROC_UID:-1000}:${EXTPROC_GID:-1000}"
+    # Without a default: a uid guessed for one command line and not the next (the first run set
+    # it inline, --scale host=3 recreated the hosts as 1000:1000) made file_tee's copies fail
+    # with Permission denied while clients still got 200. .env sets it for every command.
+    user = compose["services"]["host"]["user"]
+    assert re.fullmatch(r"\$\{EXTPROC_UID:\?[^}]+\}:\$\{EXTPROC_GID:\?[^}]+\}", user), user
+
+
+def test_the_docker_page_sets_the_user_for_every_compose_command() -> None:
+    """docs/docker.md writes EXTPROC_UID and EXTPROC_GID into .env (which every compose command
+    reads) before its first compose command, starts the stack detached and waits until it is
+    healthy (the next line is a request), and uses compose v2 (`docker compose stats`,
+    `--wait`), not docker-compose 1.x."""
+    (block,) = [b for b in code_blocks("docs/docker.md") if b.is_command and "docker compose up" in b.code]
+    lines = block.code.splitlines()
+    first_compose = next(i for i, line in enumerate(lines) if line.startswith("docker compose") and " up" in line)
+    writes_env = [i for i, line in enumerate(lines) if "> .env" in line]
+    assert writes_env and writes_env[0] < first_compose
+    assert "EXTPROC_UID=" in lines[writes_env[0]] and "EXTPROC_GID=" in lines[writes_env[0]]
+    for line in lines:
+        assert not line.startswith("docker-compose"), f"compose v1: {line}"
+        if line.startswith("docker compose up"):
+            assert " -d " in line + " " and "--wait" in line, f"not detached and waiting: {line}"
+    assert ".env" in (PROJECT_ROOT / ".gitignore").read_text().split()
+
+
+def test_images_are_built_not_pulled(compose: dict) -> None:
+    """Compose v2 pulls a service's image unless told otherwise: extproc-host:local exists on no
+    registry, so the host builds it and the echo never pulls it."""
+    services = compose["services"]
+    assert services["host"]["pull_policy"] == "build"
+    assert services["echo"]["pull_policy"] == "never"
+
+
+def test_envoy_health_check_is_envoys_readiness(compose: dict, stack) -> None:
+    """The compose Envoy's health check (what `up --wait` waits for) asks Envoy's admin
+    interface for /ready: run as written against a real Envoy's admin port, it passes, and
+    fails against a port where no Envoy listens."""
+    test = compose["services"]["envoy"]["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "bash", "-c"]
+    admin = yaml.safe_load((PROJECT_ROOT / "envoy" / "compose.yaml").read_text())["admin"]
+    port = str(admin["address"]["socket_address"]["port_value"])
+    assert f"/dev/tcp/127.0.0.1/{port}" in test[3] and "/ready" in test[3]
+    live_port = stack.admin_url.rsplit(":", 1)[1]
+    passed = subprocess.run(["bash", "-c", test[3].replace(f"/{port} ", f"/{live_port} ")], timeout=30)
+    assert passed.returncode == 0
+    closed = subprocess.run(["bash", "-c", test[3].replace(f"/{port} ", "/1 ")], capture_output=True, timeout=30)
+    assert closed.returncode != 0
 
 
 def test_dependencies_install_before_the_code_is_copied() -> None:

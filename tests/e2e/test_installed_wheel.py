@@ -6,7 +6,9 @@ PYTHONPATH: ``init``, ``check``, ``plugins``, ``envoy-config``, ``serve`` with `
 
 The environment is a real one rather than one borrowing the project's packages: what the wheel
 ships and what its dependencies declare is what is under test (a missing package-data file or
-dependency fails here). It is built once per module.
+dependency fails here). It is built once per session (``installed`` in conftest.py), with
+the ``demo`` and ``testing`` extras; the doc blocks that run in an installed environment use it
+too.
 """
 
 from __future__ import annotations
@@ -15,87 +17,18 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from installed import Installed
 
 from extproc_host.stack import PROJECT_ROOT
 
 pytestmark = pytest.mark.e2e
 
 LISTENING = re.compile(r"listening on (?:http://)?(\S+:\d+)")
-
-
-@dataclass
-class Installed:
-    """A fresh virtual environment with the wheel installed, and an empty working directory."""
-
-    venv: Path
-    workdir: Path
-    env: dict[str, str]
-
-    def bin(self, name: str) -> str:
-        return str(self.venv / "bin" / name)
-
-    def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        """``extproc-host *args`` in the empty directory."""
-        return subprocess.run(
-            [self.bin("extproc-host"), *args],
-            cwd=self.workdir,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-
-    def start(self, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            [self.bin("extproc-host"), *args],
-            cwd=self.workdir,
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-
-
-def _clean_env(venv: Path) -> dict[str, str]:
-    """The environment of a user of that venv: no PYTHONPATH, no EXTPROC_* overrides, no
-    other virtual environment, the venv's bin first on PATH."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EXTPROC_", "PYTHON", "VIRTUAL_ENV"))}
-    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
-@pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
-    root = tmp_path_factory.mktemp("installed")
-    dist = root / "dist"
-    build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(dist), str(PROJECT_ROOT)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert build.returncode == 0, build.stderr
-    (wheel,) = dist.glob("extproc_host-*.whl")
-    venv = root / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    install = subprocess.run(
-        [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", f"{wheel}[demo]"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert install.returncode == 0, install.stderr[-4000:]
-    workdir = root / "empty"
-    workdir.mkdir()
-    return Installed(venv, workdir, _clean_env(venv))
 
 
 def _read_listening(proc: subprocess.Popen[str], timeout: float = 60) -> str:
