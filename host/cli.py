@@ -146,7 +146,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .server import serve
 
     host = load_host(args.config)
-    settings, pm, routes = host.settings, host.pm, host.routes
+    settings = host.settings
     try:
         address = parse_address(args.listen or settings.server.listen)
     except ValueError as exc:
@@ -154,7 +154,7 @@ def _serve(args: argparse.Namespace) -> int:
     _configure_logging(args.log_level or settings.server.log_level, settings.server.log_format)
     workers = args.workers if args.workers is not None else settings.server.workers
     if args.ready_fd is None and workers != 1:
-        return _supervise(args, address, workers, settings.server.metrics_listen)
+        return _supervise(args, address, workers, settings.server.metrics_listen, settings.server.watch_config_seconds)
     loop_factory = None
     if settings.server.event_loop == "uvloop":
         import uvloop
@@ -163,19 +163,22 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             if args.ready_fd is None:
-                runner.run(serve(settings, routes, pm, args.listen))
+                runner.run(serve(host, args.listen, config=args.config))
             else:
                 from .workers import announce_ready
 
                 ready = lambda _shown: announce_ready(args.ready_fd)  # noqa: E731
-                runner.run(serve(settings, routes, pm, args.listen, reuse_port=True, on_ready=ready))
+                # The supervisor watches the settings file and sends SIGHUP: the workers do not.
+                runner.run(serve(host, args.listen, config=args.config, reuse_port=True, on_ready=ready, watch=False))
     except OSError as exc:
         print(f"extproc-host: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
-def _supervise(args: argparse.Namespace, address: ListenAddress, workers: int, metrics_listen: str | None) -> int:
+def _supervise(
+    args: argparse.Namespace, address: ListenAddress, workers: int, metrics_listen: str | None, watch_seconds: float
+) -> int:
     """Run ``workers`` server processes on ``address`` (workers.py); the exit status."""
     from .workers import supervise
 
@@ -187,7 +190,14 @@ def _supervise(args: argparse.Namespace, address: ListenAddress, workers: int, m
             f"{source}: key 'server.workers': more than one worker needs a TCP listen address, not {address.target()}"
         )
     try:
-        return supervise(address, workers, config=args.config, log_level=args.log_level, metrics_listen=metrics_listen)
+        return supervise(
+            address,
+            workers,
+            config=args.config,
+            log_level=args.log_level,
+            metrics_listen=metrics_listen,
+            watch_seconds=watch_seconds,
+        )
     except OSError as exc:
         print(f"extproc-host: {exc}", file=sys.stderr)
         return 1

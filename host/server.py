@@ -16,14 +16,15 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf.message import DecodeError
 
 from .admission import Admission, Limits
-from .errors import IdleTimeout, LimitExceeded, ProtocolError, StreamAborted, StreamFailed
+from .errors import ConfigError, IdleTimeout, LimitExceeded, ProtocolError, StreamAborted, StreamFailed
 from .health import Health
 from .listeners import ListenAddress, Listener, parse_address
 from .logs import announce, current_stream
 from .metrics import Metrics
 from .observe import observe
 from .processor import Router, StreamProcessor
-from .routes import Route
+from .registry import LoadedHost
+from .reload import SettingsFile, describe, reload_host
 from .settings import Settings, parse_listen
 from .upkeep import Upkeep
 from .wire import BIDI, Context, H2Server, LogLimiter, StatusCode
@@ -74,6 +75,13 @@ class ExternalProcessor:
     def active(self) -> int:
         """Streams whose plugins are not closed yet."""
         return self.admission.active
+
+    def switch(self, router: Router, pm: pluggy.PluginManager) -> None:
+        """New streams get ``router``'s routes and ``pm``'s broadcast hooks (a reload); the
+        streams already open keep the router they started with."""
+        self.router = self.admission.router = router
+        self.pm = pm
+        self._announce = bool(pm.hook.stream_finished.get_hookimpls())
 
     async def Process(
         self,
@@ -247,16 +255,19 @@ def http2_limits(settings: Settings) -> Http2Limits:
 
 
 async def serve(
-    settings: Settings,
-    routes: dict[str, Route],
-    pm: pluggy.PluginManager,
+    host: LoadedHost,
     listen: str | None = None,
     *,
+    config: str | None = None,
     reuse_port: bool = False,
     on_ready: Callable[[str], None] | None = None,
+    watch: bool = True,
 ) -> None:
     """Run until SIGTERM/SIGINT; prints ``extproc-host listening on ADDRESS`` once bound, or,
-    as a worker, calls ``on_ready(ADDRESS)`` instead (its supervisor prints the line)."""
+    as a worker, calls ``on_ready(ADDRESS)`` instead (its supervisor prints the line). SIGHUP
+    reloads ``config`` (reload.py), as does a change of its content when ``[server]
+    watch_config_seconds`` is set and ``watch`` (a worker's supervisor watches instead)."""
+    settings, routes, pm = host.settings, host.routes, host.pm
     listener = Listener(parse_address(listen or settings.server.listen), settings.server.tls)
     metrics = start_metrics(settings)
     router = Router(routes, metrics, settings.server.max_message_bytes)
@@ -294,7 +305,19 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    current = [host]  # what the last reload loaded
+
+    def reload() -> None:
+        current[0] = reload_servicer(servicer, config, current[0], metrics)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    watcher = None
+    if watch and config is not None and settings.server.watch_config_seconds:
+        watcher = loop.create_task(watch_config(config, settings.server.watch_config_seconds, reload))
     await stop.wait()
+    if watcher is not None:
+        watcher.cancel()
+    loop.remove_signal_handler(signal.SIGHUP)
     hurry = asyncio.Event()  # a second signal ends the drain delay and the grace period at once
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, hurry.set)
@@ -304,6 +327,36 @@ async def serve(
     await graceful_stop(server, servicer, health, settings.server.grace_seconds, hurry, drain=drain)
     if metrics is not None:
         metrics.close()
+
+
+def reload_servicer(
+    servicer: ExternalProcessor, config: str | None, current: LoadedHost, metrics: Metrics | None
+) -> LoadedHost:
+    """Load ``config`` again and give new streams its routes (reload.py); the host now served,
+    or ``current`` when the new settings do not load."""
+    try:
+        reloaded = reload_host(config, current)
+    except ConfigError as exc:
+        log.error("reload of %s refused, the running settings stay:\n%s", config or "the settings", exc)
+        return current
+    host = reloaded.host
+    servicer.switch(Router(host.routes, metrics, current.settings.server.max_message_bytes), host.pm)
+    host.pm.hook.host_started(settings=host.settings)
+    first, *notes = describe(reloaded, config)
+    log.info("%s", first)
+    for note in notes:
+        log.warning("%s", note)
+    return host
+
+
+async def watch_config(config: str, interval: float, reload: Callable[[], None]) -> None:
+    """Reload when ``config``'s content changes, looked at every ``interval`` seconds."""
+    watched = SettingsFile(config)
+    while True:
+        await asyncio.sleep(interval)
+        if watched.changed():
+            log.info("%s changed: reloading it", config)
+            reload()
 
 
 def start_metrics(settings: Settings) -> Metrics | None:

@@ -130,6 +130,9 @@ class ServerSettings(BaseModel):
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     # Modules to load as plugins without installing them (development, tests).
     plugin_modules: list[str] = Field(default_factory=list)
+    # Reload the settings file when its content changes, looked at every this many seconds (0:
+    # only on SIGHUP): a Kubernetes ConfigMap update reaches the host without a restart.
+    watch_config_seconds: float = Field(default=0.0, ge=0)
     # Processes serving one TCP port (SO_REUSEPORT), to use more than one core (workers.py).
     workers: int = Field(default=1, ge=1, le=256)
     # TLS, or mutual TLS with client_ca_file (listeners.py).

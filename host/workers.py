@@ -6,7 +6,9 @@ kernel spreads incoming connections across them. Envoy sends many streams over o
 connection, so what is spread is connections (docs/scaling.md, on Envoy's side).
 
 It prints ``extproc-host listening on HOST:PORT`` once every child is serving, forwards
-SIGTERM and SIGINT to the children and waits for them. It restarts nothing: a child that dies
+SIGTERM and SIGINT to the children and waits for them. On SIGHUP (or when ``[server]
+watch_config_seconds`` sees the settings file change) it checks the settings once and, when they
+load, has every worker reload them (SIGHUP); when they do not, the workers keep theirs. It restarts nothing: a child that dies
 unexpectedly makes the supervisor stop the others and exit 1, so whatever runs the host
 (systemd, Kubernetes) restarts it as a whole. On Linux the children get SIGTERM if the
 supervisor dies (PR_SET_PDEATHSIG).
@@ -25,8 +27,11 @@ import sys
 import time
 from collections.abc import Callable
 
+from .errors import ConfigError
 from .listeners import ListenAddress, parse_address
 from .logs import announce
+from .registry import load_host
+from .reload import SettingsFile
 
 log = logging.getLogger("extproc_host.workers")
 
@@ -97,8 +102,11 @@ class Supervisor:
         log_level: str | None,
         metrics_listen: str | None = None,
         ready_timeout: float = 60.0,
+        watch_seconds: float = 0.0,
     ) -> None:
         self.address = address
+        self.watch_seconds = watch_seconds
+        self.watched = SettingsFile(config) if config is not None and watch_seconds else None
         self.metrics_listen = metrics_listen
         self.count = count
         self.config = config
@@ -113,6 +121,7 @@ class Supervisor:
         self.address = check_port_free(self.address)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._forward)
+        signal.signal(signal.SIGHUP, self._reload)
         try:
             self._start_all()
         except WorkerError as exc:
@@ -169,6 +178,24 @@ class Supervisor:
                     code = self.children[pid].wait()
                     raise WorkerError(f"worker {pid} exited with code {code} during start-up")
 
+    def _reload(self, _signum: int = signal.SIGHUP, _frame: object = None) -> None:
+        """Check the settings once, then have every worker reload them (a reload refused here
+        is refused for all, with one log line)."""
+        if self.stopping:
+            return
+        try:
+            load_host(self.config)
+        except ConfigError as exc:
+            log.error("reload of %s refused, the workers keep their settings:\n%s", self.config or "the settings", exc)
+            return
+        log.info("reloading %d workers", len(self.children))
+        for child in self.children.values():
+            if child.returncode is None:
+                try:
+                    child.send_signal(signal.SIGHUP)
+                except ProcessLookupError:
+                    pass
+
     def _forward(self, signum: int, _frame: object) -> None:
         if not self.stopping:
             log.info("stopping %d workers (%s)", len(self.children), signal.Signals(signum).name)
@@ -188,9 +215,11 @@ class Supervisor:
         status = 0
         while any(child.returncode is None for child in self.children.values()):
             try:
-                pid, raw = os.wait()
+                pid, raw = self._wait()
             except ChildProcessError:
                 break
+            if not pid:
+                continue
             child = self.children.get(pid)
             if child is None:
                 continue
@@ -205,6 +234,22 @@ class Supervisor:
                 status = 1
         return status
 
+    def _wait(self) -> tuple[int, int]:
+        """The next worker that exits (pid, raw status); while the settings file is watched,
+        (0, 0) every ``watch_seconds`` after looking at it."""
+        if self.watched is None or self.stopping:
+            return os.wait()
+        deadline = time.monotonic() + self.watch_seconds
+        while time.monotonic() < deadline:
+            pid, raw = os.waitpid(-1, os.WNOHANG)
+            if pid:
+                return pid, raw
+            time.sleep(min(0.2, self.watch_seconds))
+        if self.watched.changed():
+            log.info("%s changed: reloading it", self.config)
+            self._reload()
+        return 0, 0
+
 
 def announce_ready(fd: int) -> None:
     """In a worker: tell the supervisor the server is serving, then close the pipe."""
@@ -215,10 +260,18 @@ def announce_ready(fd: int) -> None:
 
 
 def supervise(
-    address: ListenAddress, count: int, *, config: str | None, log_level: str | None, metrics_listen: str | None = None
+    address: ListenAddress,
+    count: int,
+    *,
+    config: str | None,
+    log_level: str | None,
+    metrics_listen: str | None = None,
+    watch_seconds: float = 0.0,
 ) -> int:
     """Run ``count`` workers on ``address`` until stopped; the process's exit status."""
-    return Supervisor(address, count, config=config, log_level=log_level, metrics_listen=metrics_listen).run()
+    return Supervisor(
+        address, count, config=config, log_level=log_level, metrics_listen=metrics_listen, watch_seconds=watch_seconds
+    ).run()
 
 
 def worker_metrics_listen(metrics_listen: str, index: int) -> str:

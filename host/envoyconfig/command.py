@@ -92,6 +92,12 @@ def add_envoy_config_parser(sub: argparse._SubParsersAction[argparse.ArgumentPar
     )
     envoy.add_argument("--no-ext-proc", action="store_true", help="no ext_proc filter: Envoy straight to the upstream")
     envoy.add_argument("--output", "-o", metavar="FILE", help="write to this file instead of standard output")
+    envoy.add_argument(
+        "--diff",
+        metavar="FILE",
+        help="compare with the Envoy config in FILE (what Envoy runs) instead of printing: the differences, "
+        "exit status 1 when there are some (a reload that needs Envoy's config changed names this)",
+    )
     envoy.set_defaults(handler=run_envoy_config)
 
 
@@ -251,6 +257,31 @@ def _drain_advice(interval: float, drain_seconds: float, source: str) -> str:
     )
 
 
+def _diff(path: str, generated: str) -> int:
+    """Print how the config in ``path`` differs from ``generated`` (both read as data, keys
+    sorted, comments left out); 0 when they are the same, 1 when not, 2 when ``path`` cannot
+    be read."""
+    import difflib
+
+    import yaml
+
+    try:
+        with open(path) as fh:
+            running = yaml.safe_load(fh)
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"--diff: cannot read {path}: {exc}") from None
+
+    def lines(data: object) -> list[str]:
+        return yaml.safe_dump(data, sort_keys=True, width=120).splitlines(keepends=True)
+
+    diff = list(difflib.unified_diff(lines(running), lines(yaml.safe_load(generated)), path, "generated"))
+    if not diff:
+        print(f"{path} is what these settings generate")
+        return 0
+    sys.stdout.writelines(diff)
+    return 1
+
+
 def run_envoy_config(args: argparse.Namespace) -> int:
     """Print (or write with -o) the Envoy bootstrap for ``args.config``."""
     host = load_host(args.config)  # settings, plugins and routes checked as for serve
@@ -265,6 +296,8 @@ def run_envoy_config(args: argparse.Namespace) -> int:
     if args.health_check is not None:
         header += "\n" + _drain_advice(args.health_check, host.settings.server.drain_seconds, host.source)
     text = render_yaml(bootstrap, header)
+    if args.diff:
+        return _diff(args.diff, text)
     if args.output:
         try:
             with open(args.output, "w") as fh:

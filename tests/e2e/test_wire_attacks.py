@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import hpack
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from extproc_host.stack import Stack
 from tests.unit.h2peer import (
     CONTINUATION,
     DATA,
@@ -38,8 +40,6 @@ from tests.unit.h2peer import (
     rst_stream,
     settings,
 )
-
-from extproc_host.stack import Stack
 
 pytestmark = pytest.mark.e2e
 
@@ -312,7 +312,9 @@ def run_attacker(port: int, make: Callable[[], Attack], stop: threading.Event, o
         received = b""
         sock.settimeout(0.5)
         try:
-            sock.sendall(PREFACE + settings() + attack.start())
+            # The host's SETTINGS acknowledged at once (unread): each attack is about itself,
+            # not about a peer that never acknowledges (SETTINGS_TIMEOUT ends those).
+            sock.sendall(PREFACE + settings() + settings(ack=True) + attack.start())
             while not stop.is_set():
                 chunk = attack.repeat()
                 sock.sendall(chunk)

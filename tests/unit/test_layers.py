@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("control",),
     ("processor", "registry"),
     ("admission",),
-    ("upkeep", "observe"),
+    ("upkeep", "observe", "reload"),
     ("server", "workers", "starter"),
     ("cli",),
     ("__main__",),
