@@ -28,7 +28,9 @@ from .errors import LimitExceeded, PluginError, StreamAborted
 from .metrics import Metrics
 from .plugin import Reject
 from .processor import Router, StreamProcessor
+from .protocol import header_items
 from .settings import ServerSettings
+from .tracing import trace_carrier
 from .wire import Budget, LogLimiter
 
 log = logging.getLogger("extproc_host.server")
@@ -159,11 +161,15 @@ class Admission:
                 f"([server] max_held_bytes) of {self.max_held_bytes}"
             )
         route = "?"
+        first = None
         try:
             first = await asyncio.wait_for(anext(requests), FIRST_MESSAGE_WAIT)
             route = self.router.plan_for(first).route.name
         except (TimeoutError, StopAsyncIteration):
             pass
+        if self.router.tracing is not None:
+            headers = header_items(first.request_headers.headers) if first is not None else ()
+            self.router.tracing.refused(route, reason, message, trace_carrier(headers))
         logged.warning("refused", "route %s: %s", route, message)
         if self.metrics is not None:
             self.metrics.route(route).streams["refused"] += 1

@@ -116,13 +116,22 @@ Stages = tuple[tuple[int, bool | None, bool | None], ...]
 class Chain:
     """The plugin instances of one stream, in route order."""
 
-    __slots__ = ("_closed", "info", "plan", "plugins", "stages", "timers")
+    __slots__ = ("_closed", "info", "plan", "plugins", "stages", "timers", "trace")
 
-    def __init__(self, plan: ChainPlan, info: StreamInfo, timers: dict[tuple[str, str], Any] | None = None) -> None:
-        """``timers``: ``{(plugin name, hook): metrics.HookTimer}`` to time every hook call, or None."""
+    def __init__(
+        self,
+        plan: ChainPlan,
+        info: StreamInfo,
+        timers: dict[tuple[str, str], Any] | None = None,
+        trace: Any = None,
+    ) -> None:
+        """``timers``: ``{(plugin name, hook): metrics.HookTimer}`` to time every hook call, or
+        None; ``trace``: the stream's :class:`~extproc_host.tracing.StreamTrace`, for a span per
+        hook call, or None."""
         self.plan = plan
         self.info = info
         self.timers = timers
+        self.trace = trace
         #: Body stages per direction for this stream: the plan's, less the skipped plugins.
         self.stages: dict[str, Stages] = plan.body_stages
         self.plugins: list[Plugin] = []
@@ -166,7 +175,10 @@ class Chain:
         return b"".join([piece async for piece in out])
 
     async def _invoke(self, plugin: Plugin, hook: str, is_async: bool, *args: Any) -> Any:
-        """Call one hook (timed when the chain has timers); its error becomes a PluginError."""
+        """Call one hook (timed when the chain has timers, in a span when it has a trace); its
+        error becomes a PluginError."""
+        if self.trace is not None:
+            return await self._traced(plugin, hook, is_async, *args)
         timers = self.timers
         start = perf_counter() if timers is not None else 0.0
         try:
@@ -175,6 +187,20 @@ class Chain:
             raise PluginError(plugin.name, hook, exc) from exc
         if timers is not None:
             timers[plugin.name, hook].observe(perf_counter() - start)
+        return result
+
+    async def _traced(self, plugin: Plugin, hook: str, is_async: bool, *args: Any) -> Any:
+        span = self.trace.hook(plugin.name, hook)
+        start = perf_counter()
+        try:
+            result = await _call(getattr(plugin, hook), is_async, *args)
+        except Exception as exc:
+            self.trace.failed_hook(span, exc)
+            raise PluginError(plugin.name, hook, exc) from exc
+        finally:
+            span.end()
+        if self.timers is not None:
+            self.timers[plugin.name, hook].observe(perf_counter() - start)
         return result
 
     async def body(self, direction: str, chunk: bytes, end: bool) -> bytes | AsyncIterator[bytes]:
@@ -247,7 +273,13 @@ class Chain:
         for index, plugin in enumerate(self.plugins):
             if index not in async_close:
                 continue
+            span = self.trace.hook(plugin.name, "close") if self.trace is not None else None
             try:
                 await _call(plugin.close, async_close[index], error)
             except Exception as exc:  # a failing close must not stop the others
+                if span is not None:
+                    self.trace.failed_hook(span, exc)
                 on_error(plugin.name, exc)
+            finally:
+                if span is not None:
+                    span.end()

@@ -57,9 +57,11 @@ from .protocol import (
     streamed_pieces,
 )
 from .routes import Route, RouteControl, Skips
+from .tracing import trace_carrier
 
 if TYPE_CHECKING:
     from .metrics import HookTimer, Metrics
+    from .tracing import StreamTrace, Tracing
 
 log = logging.getLogger("extproc_host.stream")
 
@@ -111,8 +113,15 @@ class Router:
     a STREAMED or BUFFERED answer may take all of it but ``ANSWER_OVERHEAD``.
     """
 
-    def __init__(self, routes: dict[str, Route], metrics: Metrics | None = None, max_message_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        routes: dict[str, Route],
+        metrics: Metrics | None = None,
+        max_message_bytes: int = 0,
+        tracing: Tracing | None = None,
+    ) -> None:
         self.metrics = metrics
+        self.tracing = tracing  # a span per stream and per hook call when set
         self.max_message_bytes = max_message_bytes
         self.max_answer_bytes = max_message_bytes - ANSWER_OVERHEAD if max_message_bytes else UNLIMITED
         self.hook_timers: dict[tuple[str, str], HookTimer] | None = (
@@ -199,6 +208,8 @@ class StreamProcessor:
     skips: Skips = (False, False)  # the bodies a mode override sent so far skips
     skip_changed: bool = False  # a plugin skipped a body since the last header answer
     early: asyncio.Queue[pb.ProcessingResponse] | None = None  # override_message_timeout to send now
+    trace_context: dict[str, str] | None = None  # the ext_proc call's traceparent (when tracing)
+    trace: StreamTrace | None = None  # the stream's span (when tracing)
 
     @property
     def route_name(self) -> str:
@@ -384,13 +395,33 @@ class StreamProcessor:
         if plan.has_any_hook:  # a chain that does nothing needs no StreamInfo and no instances
             self.extends = control.max_message_timeout > 0
             try:
-                self.chain = Chain(plan, self.stream_info(req), self.router.hook_timers)
+                self.chain = Chain(plan, self.stream_info(req), self.router.hook_timers, self._trace(req))
             except PluginError as exc:
                 self._log_failure(exc)
                 self.error = exc
                 self.bypass = True  # nothing to close: no plugin was fully built
                 if self.plan.route.failure_policy != "fail_open":
                     raise StreamFailed(str(exc)) from exc
+
+    def _trace(self, req: pb.ProcessingRequest) -> StreamTrace | None:
+        """The stream's span when tracing: in the trace of Envoy's call (its metadata), else of
+        the request (its headers)."""
+        tracing = self.router.tracing
+        if tracing is None:
+            return None
+        carrier = self.trace_context or (
+            trace_carrier(header_items(req.request_headers.headers)) if req.HasField("request_headers") else {}
+        )
+        self.trace = tracing.stream(
+            self.route_name,
+            self.stream_id,
+            carrier,
+            {
+                "extproc.request_body_mode": MODE_NAMES.get(self.request.mode, "NONE"),
+                "extproc.response_body_mode": MODE_NAMES.get(self.response.mode, "NONE"),
+            },
+        )
+        return self.trace
 
     async def _dispatch(self, kind: str | None, req: pb.ProcessingRequest) -> Responses:
         if kind == "request_body":
@@ -718,4 +749,12 @@ class StreamProcessor:
             if cut:
                 error = StreamAborted(cut)
         await self.close_plugins(error)
+        if self.trace is not None:
+            self.trace.end(
+                error,
+                {
+                    "extproc.request_body_bytes": self.request.bytes_in,
+                    "extproc.response_body_bytes": self.response.bytes_in,
+                },
+            )
         return error

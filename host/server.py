@@ -26,6 +26,7 @@ from .processor import Router, StreamProcessor
 from .registry import LoadedHost
 from .reload import SettingsFile, describe, reload_host
 from .settings import Settings, parse_listen
+from .tracing import Tracing, trace_carrier
 from .upkeep import Upkeep
 from .wire import BIDI, Context, H2Server, LogLimiter, StatusCode
 from .wire import Limits as Http2Limits
@@ -93,6 +94,8 @@ class ExternalProcessor:
         if not admission.admits():  # counted open from here: admission.closed() at the end
             await admission.refuse(request_iterator, context, codes)
         stream = StreamProcessor(self.router, str(next(self._ids)))
+        if stream.router.tracing is not None:  # Envoy's own trace of the call, when it has one
+            stream.trace_context = trace_carrier(context.invocation_metadata() or ())
         current_stream.set(stream)
         error: BaseException | None = None
         upkeep = self.upkeep
@@ -270,7 +273,8 @@ async def serve(
     settings, routes, pm = host.settings, host.routes, host.pm
     listener = Listener(parse_address(listen or settings.server.listen), settings.server.tls)
     metrics = start_metrics(settings)
-    router = Router(routes, metrics, settings.server.max_message_bytes)
+    tracing = Tracing(settings.server.tracing) if settings.server.tracing.enabled else None
+    router = Router(routes, metrics, settings.server.max_message_bytes, tracing)
     servicer = ExternalProcessor(router, pm, limits=Limits.from_settings(settings.server))
     server = make_server(settings, servicer, reuse_port)
     health = Health(server)
@@ -327,6 +331,8 @@ async def serve(
     await graceful_stop(server, servicer, health, settings.server.grace_seconds, hurry, drain=drain)
     if metrics is not None:
         metrics.close()
+    if tracing is not None:
+        tracing.shutdown()
 
 
 def reload_servicer(
@@ -340,7 +346,8 @@ def reload_servicer(
         log.error("reload of %s refused, the running settings stay:\n%s", config or "the settings", exc)
         return current
     host = reloaded.host
-    servicer.switch(Router(host.routes, metrics, current.settings.server.max_message_bytes), host.pm)
+    router = Router(host.routes, metrics, current.settings.server.max_message_bytes, servicer.router.tracing)
+    servicer.switch(router, host.pm)
     host.pm.hook.host_started(settings=host.settings)
     first, *notes = describe(reloaded, config)
     log.info("%s", first)

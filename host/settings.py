@@ -80,6 +80,22 @@ class Http2Settings(BaseModel):
     flood_rate: float = Field(default=100.0, gt=0)
 
 
+class TracingSettings(BaseModel):
+    """``[server.tracing]``: OpenTelemetry traces exported over OTLP/gRPC (the ``tracing`` extra)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # A span per ext_proc stream and one per plugin hook call (tracing.py); off: nothing is
+    # imported and nothing measurable is spent.
+    enabled: bool = False
+    # The collector's OTLP/gRPC endpoint; http:// for plain gRPC, https:// for TLS.
+    endpoint: str = "http://127.0.0.1:4317"
+    service_name: str = "extproc-host"
+    # Share of the streams that start a trace of their own; a stream whose exchange carries a
+    # trace context follows its sampling decision.
+    sample_ratio: float = Field(default=1.0, ge=0, le=1)
+
+
 class ServerSettings(BaseModel):
     """``[server]``: where and how the gRPC server listens."""
 
@@ -139,6 +155,8 @@ class ServerSettings(BaseModel):
     tls: TlsSettings | None = None
     # The builtin server's HTTP/2 limits.
     http2: Http2Settings = Field(default_factory=Http2Settings)
+    # OpenTelemetry traces.
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
 
     @field_validator("listen")
     @classmethod

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("listeners", "drain", "data", "mutation_rules"),
     ("plugin",),
     ("hookspecs", "routes", "settings"),
-    ("chain", "protocol", "metrics", "modes", "logs", "health", "reclaim"),
+    ("chain", "protocol", "metrics", "modes", "logs", "health", "reclaim", "tracing"),
     ("control",),
     ("processor", "registry"),
     ("admission",),
