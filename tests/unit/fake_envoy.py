@@ -5,6 +5,7 @@ Unit tests only; the end-to-end tests use a real Envoy.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -98,13 +99,28 @@ class Conversation:
 
 
 class FakeEnvoy:
-    """A host served in-process on an ephemeral port, and a client that replays conversations."""
+    """A host served in-process on an ephemeral port, and a client that replays conversations.
 
-    def __init__(self, port: int, channel: grpc.aio.Channel, servicer: ExternalProcessor) -> None:
+    ``stub`` is a grpc.aio stub for tests that drive a stream step by step; :meth:`converse`
+    uses grpc's blocking client in a thread instead. grpc.aio's client may report a stream the
+    server ended before the client half-closed as ``INTERNAL: Internal error from Core`` in
+    place of the server's status (grpc/grpc#36066); the blocking client reports the status the
+    server sent, as Envoy does.
+    """
+
+    def __init__(self, port: int, servicer: ExternalProcessor) -> None:
         self.port = port
-        self.channel = channel
         self.servicer = servicer
-        self.stub = pb_grpc.ExternalProcessorStub(channel)
+        options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options)
+        self._blocking_channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=options)
+        self.stub = pb_grpc.ExternalProcessorStub(self.channel)
+        self.blocking_stub = pb_grpc.ExternalProcessorStub(self._blocking_channel)
+
+    async def close(self) -> None:
+        """Close both clients' channels."""
+        self._blocking_channel.close()
+        await self.channel.close()
 
     async def converse(
         self, messages: Iterable[pb.ProcessingRequest], cancel_after: int | None = None, settle: bool = True
@@ -115,26 +131,25 @@ class FakeEnvoy:
         With ``settle`` (the default) it returns once the host has closed every stream's plugins;
         conversations run concurrently pass ``settle=False``.
         """
-        call = self.stub.Process(iter(list(messages)))
-        responses: list[pb.ProcessingResponse] = []
-        try:
-            async for response in call:
-                responses.append(response)
-                if cancel_after is not None and len(responses) >= cancel_after:
-                    call.cancel()
-                    break
-        except grpc.aio.AioRpcError as exc:
-            conversation = Conversation(responses, exc.code(), exc.details())
-        else:
-            if cancel_after is not None:
-                conversation = Conversation(responses, grpc.StatusCode.CANCELLED, None)
-            else:
-                conversation = Conversation(responses, await call.code(), await call.details())
+        conversation = await asyncio.to_thread(self._converse, list(messages), cancel_after)
         # Like Envoy, the client may see the status before the host has closed the stream's
         # plugins: wait for that, so tests can look at what close did.
         if settle:
             await self.servicer.drain(timeout=10)
         return conversation
+
+    def _converse(self, messages: list[pb.ProcessingRequest], cancel_after: int | None) -> Conversation:
+        call = self.blocking_stub.Process(iter(messages))
+        responses: list[pb.ProcessingResponse] = []
+        try:
+            for response in call:
+                responses.append(response)
+                if cancel_after is not None and len(responses) >= cancel_after:
+                    call.cancel()
+                    return Conversation(responses, grpc.StatusCode.CANCELLED, None)
+        except grpc.RpcError as exc:
+            return Conversation(responses, exc.code(), exc.details())
+        return Conversation(responses, call.code(), call.details())
 
 
 @contextlib.asynccontextmanager
@@ -159,14 +174,11 @@ async def fake_envoy(
     # The shipped transport (EXTPROC_SERVER__TRANSPORT=grpcio: grpc.aio).
     server = make_server(settings, servicer)
     port = int((await Listener(parse_address("127.0.0.1:0")).start(server)).rpartition(":")[2])
-    channel = grpc.aio.insecure_channel(
-        f"127.0.0.1:{port}",
-        options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)],
-    )
+    envoy = FakeEnvoy(port, servicer)
     try:
-        yield FakeEnvoy(port, channel, servicer)
+        yield envoy
     finally:
-        await channel.close()
+        await envoy.close()
         await server.stop(None)
         await servicer.drain()
         servicer.upkeep.stop()

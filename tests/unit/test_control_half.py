@@ -437,11 +437,11 @@ async def served(settings: dict, *plugins: type[Plugin]) -> AsyncIterator[FakeEn
     servicer = ExternalProcessor(Router(host.routes), host.pm)
     server = make_server(host.settings, servicer)
     port = int((await Listener(parse_address("127.0.0.1:0")).start(server)).rpartition(":")[2])
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    envoy = FakeEnvoy(port, servicer)
     try:
-        yield FakeEnvoy(port, channel, servicer)
+        yield envoy
     finally:
-        await channel.close()
+        await envoy.close()
         await server.stop(None)
         await servicer.drain()
         servicer.upkeep.stop()

@@ -303,6 +303,22 @@ async def test_fail_closed_aborts_the_stream_and_closes_plugins_once(envoy):
     assert not [e for e in sample_plugins.EVENTS if e[1] == "request_body_end"]
 
 
+async def test_a_stream_failed_while_envoy_still_sends_reports_the_hosts_status_every_time(envoy):
+    # The host ends the stream at the first body message while 2.5 MiB more are on their way: a
+    # client must see the host's status, not a failed write (Envoy does; grpc.aio may not).
+    chunk = b"x" * 65536
+    for _ in range(12):
+        conv = await envoy.converse(
+            [
+                request_headers(route="fail-closed"),
+                *[request_body(chunk) for _ in range(40)],
+                request_body(b"", end=True),
+            ]
+        )
+        assert conv.code == grpc.StatusCode.INTERNAL
+        assert "plugin 'fail' failed in on_request_body" in conv.details
+
+
 async def test_fail_open_before_anything_changed_passes_the_rest_untouched(envoy):
     sample_plugins.EVENTS.clear()
     conv = await envoy.converse(
