@@ -101,6 +101,7 @@ class ExternalProcessor:
         upkeep = self.upkeep
         upkeep.watch(stream)
         completed = False  # the stream ran to its end (else: failed, cancelled, or closed mid-send)
+        response: pb.ProcessingResponse | None = None
         try:
             async for request in request_iterator:
                 if request.observability_mode:  # off the data path: no answers, no waiting
@@ -122,6 +123,10 @@ class ExternalProcessor:
                     admission.release(stream)
                 if stream.finished:
                     break
+                # Waiting for Envoy's next message must not keep this one alive: a parsed message
+                # holds its whole body (its arena), and the budget no longer counts it.
+                del request, responses
+                response = None
             else:
                 cut = stream.incomplete()
                 if cut:  # Envoy's side ended early: the reason lists what it may have been

@@ -8,24 +8,28 @@ Two kinds of charges share it:
 - **Bytes** (:meth:`Budget.take`): request messages received and not yet taken by the stream's
   chain, answers on their way out, observers' queues, and the window granted to a stream beyond
   its first. Past the limit nothing is refused: the builtin gRPC server grows no stream's
-  window beyond its first (what its reservation counts), so flow control holds the peer's
-  bytes on its side and every stream goes on at that pace.
+  window beyond its first (what its reservation counts), and gives no window back to a message
+  that spans more than a window until there is room again (:meth:`Budget.wait`), so flow
+  control holds the peer's bytes on its side.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 
 class Budget:
     """Bytes the open streams hold (``held``) and reserve (``reserved``) against ``limit``
     (0: no limit)."""
 
-    __slots__ = ("held", "held_back", "limit", "reserved")
+    __slots__ = ("held", "held_back", "limit", "reserved", "waiting")
 
     def __init__(self, limit: int = 0) -> None:
         self.limit = limit
         self.held = 0
         self.reserved = 0
-        self.held_back = 0  # windows that could not grow for lack of room
+        self.held_back = 0  # times a window was held back for lack of room
+        self.waiting: dict[object, Callable[[], None]] = {}  # told once there is room again
 
     @property
     def total(self) -> int:
@@ -49,10 +53,6 @@ class Budget:
         self.reserved += size
         return True
 
-    def unreserve(self, size: int) -> None:
-        """A stream's reservation ends."""
-        self.reserved -= size
-
     def take(self, size: int) -> None:
         """Count ``size`` more bytes held."""
         self.held += size
@@ -60,3 +60,24 @@ class Budget:
     def give(self, size: int) -> None:
         """``size`` bytes are not held any more."""
         self.held -= size
+        if self.waiting and self.held + self.reserved < self.limit:
+            self._room()
+
+    def unreserve(self, size: int) -> None:
+        """A stream's reservation ends."""
+        self.reserved -= size
+        if self.waiting and self.held + self.reserved < self.limit:
+            self._room()
+
+    def wait(self, key: object, wake: Callable[[], None]) -> None:
+        """Call ``wake()`` once, when the budget is below its limit again (``key``: who waits)."""
+        self.waiting[key] = wake
+
+    def unwait(self, key: object) -> None:
+        """``key`` waits no more."""
+        self.waiting.pop(key, None)
+
+    def _room(self) -> None:
+        waiting, self.waiting = self.waiting, {}
+        for wake in waiting.values():
+            wake()

@@ -32,7 +32,7 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self) -> None:
         self.spans: list = []
 
-    def Export(self, request, context):  # noqa: N802 (gRPC's name)
+    def Export(self, request, context):
         for resource in request.resource_spans:
             for scope in resource.scope_spans:
                 self.spans.extend(scope.spans)

@@ -369,3 +369,106 @@ async def test_a_peer_past_the_window_fails_its_stream() -> None:
     (reset,) = [data for kind, data in _frames(received) if kind == 3]
     assert reset == (3).to_bytes(4, "big")  # RST_STREAM FLOW_CONTROL_ERROR
     assert server.budget.held == 0
+
+
+async def test_past_the_budget_one_message_per_connection_fills_and_the_rest_wait_for_room() -> None:
+    """A message larger than its stream's window gets the window back as it arrives while the
+    budget has room. Past it one call of the connection at a time goes on until its message is
+    whole (so a connection never stalls on messages none can finish); the others get no window
+    until the finisher is done or bytes are released, then go on; every answer comes back whole."""
+    from extproc_host.wire import Budget
+
+    from .h2peer import DataFrame, HeadersFrame, WindowUpdateFrame, connect, data, grpc_request, messages_of
+
+    window = 16 * 1024
+    budget = Budget(128 * 1024)
+    budget.take(128 * 1024)  # the budget is full: other streams' answers, say
+    release = asyncio.Event()
+
+    async def digest(requests, context):
+        await release.wait()
+        async for request in requests:
+            yield BytesValue(value=hashlib.sha256(request.value).digest())
+
+    server = H2Server(
+        max_message_bytes=1 << 20, window_bytes=window, limits=Limits(initial_window=window), budget=budget
+    )
+    server.add_method(ECHO, BIDI, digest, BytesValue)
+    port = await server.listen("127.0.0.1", 0)
+    # Each message is exactly three windows on the wire: 5 + 1 + 3 + 49143 bytes.
+    values = {sid: bytes([sid]) * 49143 for sid in (1, 3, 5)}
+    wire = {
+        sid: (b"\0" + (49152 - 5).to_bytes(4, "big") + BytesValue(value=v).SerializeToString())
+        for sid, v in values.items()
+    }
+    assert all(len(w) == 3 * window for w in wire.values())
+    pieces = {sid: [w[i : i + window] for i in range(0, len(w), window)] for sid, w in wire.items()}
+
+    def updates(sid: int) -> int:
+        return len(peer.received.of(WindowUpdateFrame, sid))
+
+    async def granted(sid: int, count: int) -> None:
+        await peer.until(lambda f: isinstance(f, WindowUpdateFrame) and updates(sid) >= count)
+
+    try:
+        async with connect(port) as peer:
+            await peer.handshake()
+            await peer.alive()  # the server's 16 KiB window applies from here
+            for sid in (1, 3):
+                peer.send(peer.headers(sid, grpc_request(ECHO)), data(sid, pieces[sid][0]))
+            await peer.drain()
+            await granted(1, 1)  # over the budget: stream 1 asked first and may finish
+            await peer.alive()
+            assert updates(3) == 0, "a second stream got window past the budget"
+            peer.send(data(1, pieces[1][1]))
+            await granted(1, 2)
+            peer.send(data(1, pieces[1][2]))  # stream 1's message is whole: stream 3's turn
+            await granted(3, 1)
+            peer.send(peer.headers(5, grpc_request(ECHO)), data(5, pieces[5][0]))
+            await peer.alive()
+            assert updates(5) == 0, "a stream got window while another finishes past the budget"
+            budget.give(128 * 1024)  # room again: the waiting stream goes on
+            await granted(5, 1)
+            peer.send(data(3, pieces[3][1]), data(5, pieces[5][1]))
+            await granted(3, 2)
+            await granted(5, 2)
+            for sid in (1, 3, 5):
+                peer.send(data(sid, pieces[sid][2] if sid != 1 else b"", end_stream=True))
+            release.set()
+            ended: set[int] = set()
+            while len(ended) < 3:
+                frame = await peer.next_frame()
+                assert frame is not None, "the connection closed before every answer"
+                if isinstance(frame, HeadersFrame) and "END_STREAM" in frame.flags:
+                    assert (b"grpc-status", b"0") in frame.fields
+                    ended.add(frame.stream_id)
+            for sid in (1, 3, 5):
+                body = b"".join(f.data for f in peer.received.of(DataFrame, sid))
+                assert messages_of(body) == [BytesValue(value=hashlib.sha256(values[sid]).digest()).SerializeToString()]
+    finally:
+        await server.stop()
+    assert budget.held == 0 and not budget.waiting
+
+
+async def test_a_message_stays_charged_while_its_handler_works_on_it(served) -> None:
+    """The budget counts a request message until its handler asks for the next one: its parsed
+    copy and what the handler makes of it live that long."""
+    server, _handlers, channel = served
+    seen: list[int] = []
+
+    async def note(requests, context):
+        async for request in requests:
+            seen.append(server.budget.held - len(request.value))  # what else is counted
+            yield BytesValue()
+
+    server.add_method("/test.Echo/Note", BIDI, note, BytesValue)
+    call = channel.stream_stream("/test.Echo/Note", BytesValue.SerializeToString, BytesValue.FromString)()
+    for size in (100_000, 50_000):
+        await call.write(BytesValue(value=b"n" * size))
+        await call.read()
+    await call.done_writing()
+    assert await call.code() == grpc.StatusCode.OK
+    # Each time the message's own bytes and the same rest (the stream's grown window, a few bytes
+    # of protobuf framing): nothing of the message before.
+    assert seen[0] == seen[1] and 0 < seen[0] < WINDOW, seen
+    assert server.budget.held == 0

@@ -52,15 +52,27 @@ class Method:
 class Windows:
     """The receive windows of one connection's calls: each stream starts with the connection's
     first window and grows to ``target`` once its handler takes what arrived, if the budget has
-    room and the connection has not had half of it already (a runaway connection cannot take it
-    all). What a window grew by counts in the budget until the call ends."""
+    room and the connection's grown windows stay within an eighth of it. A grown window lets a
+    whole message in without asking, and a message costs about three times its size while it is
+    answered (the message, its parsed copy, the answer), counted only once there: the eighth
+    keeps what grown windows can let in within half the budget. What a window grew by counts in
+    the budget until the call ends.
 
-    __slots__ = ("budget", "granted", "target")
+    A message larger than its stream's window gets the window back as its bytes arrive, while
+    the budget has room. Past it, one call of the connection at a time (the ``finisher``) goes
+    on filling its message, so some message always completes and the connection never stalls
+    on messages none can finish; the others wait (``stalled``) for room, in the order they
+    stopped."""
 
-    def __init__(self, budget: Budget, target: int) -> None:
+    __slots__ = ("budget", "finisher", "granted", "loop", "stalled", "target")
+
+    def __init__(self, budget: Budget, target: int, loop: asyncio.AbstractEventLoop) -> None:
         self.budget = budget
         self.target = target
+        self.loop = loop
         self.granted = 0
+        self.finisher: Call | None = None
+        self.stalled: dict[Call, None] = {}
 
     def grant(self, stream: Stream) -> int:
         """How much ``stream``'s window grows now (0: it stays as it is)."""
@@ -68,7 +80,7 @@ class Windows:
         if grow <= 0:
             return 0
         budget = self.budget
-        if budget.limit and (not budget.fits(grow) or self.granted + grow > budget.limit >> 1):
+        if budget.limit and (not budget.fits(grow) or self.granted + grow > budget.limit >> 3):
             budget.held_back += 1
             return 0
         budget.take(grow)
@@ -78,6 +90,45 @@ class Windows:
     def give_back(self, size: int) -> None:
         self.budget.give(size)
         self.granted -= size
+
+    def may_fill(self, call: Call) -> bool:
+        """Whether ``call``, in the middle of a message, gets its window back now; when not, it
+        is credited once the budget has room (or its turn to finish comes)."""
+        if not self.budget.over or self.finisher is call:
+            return True
+        if self.finisher is None:
+            self.finisher = call
+            return True
+        if call not in self.stalled:
+            self.stalled[call] = None
+            self.budget.held_back += 1
+            self.budget.wait(self, self._room)
+        return False
+
+    def filled(self, call: Call) -> None:
+        """``call``'s message is complete, or the call ended: the next stalled call may finish
+        its message."""
+        self.stalled.pop(call, None)
+        if self.finisher is call:
+            self.finisher = None
+            if self.stalled:
+                self.loop.call_soon(self._next)
+        if not self.stalled:
+            self.budget.unwait(self)
+
+    def _next(self) -> None:
+        if self.finisher is None and self.stalled:
+            call = next(iter(self.stalled))
+            del self.stalled[call]
+            call.credit()
+
+    def _room(self) -> None:
+        self.loop.call_soon(self._resume)
+
+    def _resume(self) -> None:
+        stalled, self.stalled = self.stalled, {}
+        for call in stalled:
+            call.credit()
 
 
 class AbortError(Exception):
@@ -163,6 +214,9 @@ class Call:
             self.fail(exc.code, exc.details)
             return True
         if done:
+            windows = self.windows
+            if windows.finisher is self or self in windows.stalled:
+                windows.filled(self)
             self.wake()
         elif not messages.inbox:
             self.credit()
@@ -205,9 +259,12 @@ class Call:
         """Give the bytes the handler took back to the peer's window, and grow the window as
         :class:`Windows` allows. Giving back never waits on the budget: a window only holds what
         its reservation or its growth already counted; past the budget windows stop growing, so
-        every stream goes on at its first window's pace."""
+        every stream goes on at its first window's pace. A message that spans more than the
+        window gets it back past the budget only when :meth:`Windows.may_fill` says so."""
         stream = self.stream
-        if stream.closed or stream.remote_closed:
+        if stream.closed or stream.remote_closed or self.ended:
+            return
+        if self.messages.cut and not self.windows.may_fill(self):
             return
         grow = self.windows.grant(stream)
         self.grown += grow
@@ -330,6 +387,7 @@ class Call:
 
     def _release(self) -> None:
         self.messages.release()
+        self.windows.filled(self)
         if self.grown:
             self.windows.give_back(self.grown)
             self.grown = 0
@@ -340,7 +398,8 @@ class Call:
 
 class Requests:
     """A call's request messages as an async iterator; taking the last one waiting gives the
-    bytes back to the peer's window."""
+    bytes back to the peer's window, asking for the next one ends the budget's charge for the
+    last."""
 
     __slots__ = ("_call", "_parse")
 
@@ -354,6 +413,8 @@ class Requests:
     async def __anext__(self) -> Any:
         call = self._call
         messages = call.messages
+        if messages.taken:
+            messages.done()
         inbox = messages.inbox
         while not inbox:
             if call.remote_closed or call.ended:

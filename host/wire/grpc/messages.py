@@ -4,8 +4,10 @@ stream's DATA as it arrives.
 A message inside one DATA frame is copied out once. A message that spans frames is copied into
 one buffer as its pieces come, which grows only with bytes that arrived: a prefix that
 announces a large message costs nothing until its bytes come (a buffer of the announced size
-would let 5 bytes cost 128 MiB). Every byte held, from arrival until the handler takes its
-message, is charged to the :class:`~extproc_host.wire.budget.Budget`.
+would let 5 bytes cost 128 MiB). Every byte held, from arrival until the handler is done with
+its message (it asks for the next one, or the call ends), is charged to the
+:class:`~extproc_host.wire.budget.Budget`: while the handler works on a message, its copies of
+it live too.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class Messages:
         "max_size",
         "need",
         "partial",
+        "taken",
     )
 
     def __init__(self, budget: Budget, max_size: int, encoding: bytes | None) -> None:
@@ -51,6 +54,7 @@ class Messages:
         self.body: bytearray | None = None  # a message that spans frames, as it fills
         self.need = 0  # its announced length
         self.held = 0  # bytes charged to the budget
+        self.taken = 0  # of which the message the handler works on
         self.compressed_ok = encoding not in (None, b"identity")
 
     @property
@@ -111,17 +115,24 @@ class Messages:
         return pos + take
 
     def take(self) -> bytes | bytearray:
-        """The oldest complete message, no longer charged."""
+        """The oldest complete message, charged until :meth:`done` (or :meth:`release`)."""
         message = self.inbox.popleft()
-        size = len(message)
-        self.held -= size
-        self.budget.give(size)
+        self.taken = len(message)
         return message
+
+    def done(self) -> None:
+        """The handler is done with the message it took (it asks for the next one)."""
+        size = self.taken
+        if size:
+            self.taken = 0
+            self.held -= size
+            self.budget.give(size)
 
     def release(self) -> None:
         """The call ended: nothing it holds is charged any more."""
         self.inbox.clear()
         self.body = None
+        self.taken = 0
         if self.held:
             self.budget.give(self.held)
             self.held = 0

@@ -46,7 +46,7 @@ class Dispatcher:
 
     def __init__(self, server: H2Server) -> None:
         self.server = server
-        self.windows = Windows(server.budget, server.window_bytes)
+        self.windows = Windows(server.budget, server.window_bytes, server.loop)
         self.queue: deque[Call] = deque()  # calls waiting for their handler to start
         self.running = 0  # handler tasks not finished yet
         self.scheduled = False
@@ -189,6 +189,7 @@ class H2Server:
                 try:
                     async for answer in answers:
                         await call.send(answer.SerializeToString())
+                        del answer  # not kept alive (its body) while the handler waits
                 finally:
                     await answers.aclose()
             else:
