@@ -3,6 +3,7 @@ and what it gives back afterwards, in one command.
 
     .venv/bin/python benchmarks/storm.py            # the shipped limits
     .venv/bin/python benchmarks/storm.py --unbounded  # max_concurrent_streams = max_held_bytes = 0
+    .venv/bin/python benchmarks/storm.py --transport grpcio  # grpc.aio serves instead
 
 It starts ``extproc-host`` (passthrough on every route, metrics on) on free loopback ports and
 opens ``--streams`` gRPC Process streams at once, as Envoy would in FULL_DUPLEX_STREAMED: each
@@ -150,11 +151,15 @@ def main() -> int:
     parser.add_argument(
         "--unbounded", action="store_true", help="max_concurrent_streams = max_held_bytes = 0 (no limits)"
     )
+    parser.add_argument(
+        "--transport", choices=("builtin", "grpcio"), default="builtin", help="[server] transport (default builtin)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="storm-") as tmp:
         config = Path(tmp) / "storm.toml"
         config.write_text(SETTINGS)
         env = {k: v for k, v in os.environ.items() if not k.startswith("EXTPROC_")}
+        env["EXTPROC_SERVER__TRANSPORT"] = args.transport
         if args.unbounded:
             env |= {"EXTPROC_SERVER__MAX_CONCURRENT_STREAMS": "0", "EXTPROC_SERVER__MAX_HELD_BYTES": "0"}
         stderr_path = Path(tmp) / "host.stderr.log"
@@ -185,7 +190,7 @@ def main() -> int:
         k.split('"')[1]: int(v) for k, v in samples.items() if k.startswith("extproc_stream_limit_failures_total")
     }
     print(f"storm: {args.streams} streams x {args.chunks} MiB sent, answers never read, then cancelled")
-    print(f"limits: {'none (--unbounded)' if args.unbounded else 'shipped defaults'}")
+    print(f"limits: {'none (--unbounded)' if args.unbounded else 'shipped defaults'}; transport {args.transport}")
     print(f"host RSS idle              {result['idle'] / MiB:8.0f} MiB")
     print(f"host RSS peak              {result['peak'] / MiB:8.0f} MiB")
     print(f"host RSS after the storm   {result['after'] / MiB:8.0f} MiB ({result['left']:.0f} streams still open)")

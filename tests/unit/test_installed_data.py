@@ -31,8 +31,8 @@ def test_starter_settings_pass_the_hosts_checks(no_extproc_env: None) -> None:
 
 
 def test_starter_server_keys_are_the_shipped_defaults() -> None:
-    # The starter shows the defaults it documents: a value that differs (no stream limit where
-    # the host defaults to 128) would quietly turn off the memory budget of every new install.
+    # The starter shows the defaults it documents: a value that differs (no budget where the
+    # host has one) would quietly turn off the memory budget of every new install.
     written = tomllib.loads(data_path(STARTER_SETTINGS).read_text())["server"]
     defaults = Settings().server
     assert {"max_concurrent_streams", "max_held_bytes", "idle_timeout_seconds"} <= set(written)
