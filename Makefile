@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: constraints venv demo test lint test-unit test-e2e bench bench-mixed bench-plugins bench-workers bench-metrics bench-modes bench-storm bench-observe envoy-configs clean
+.PHONY: constraints venv demo test lint test-unit test-e2e bench bench-mixed bench-plugins bench-workers bench-metrics bench-tracing bench-modes bench-storm bench-observe envoy-configs clean
 
 venv: $(STAMP)
 
@@ -65,6 +65,10 @@ bench-workers: venv
 ## make bench-metrics: the host with Prometheus metrics on vs off (passthrough chains).
 bench-metrics: venv
 	$(VENV)/bin/python benchmarks/run.py --setups host --plugin metrics=benchmarks/metrics.toml $(ARGS)
+
+## make bench-tracing: the host with OpenTelemetry traces on (every stream, exported to a local OTLP sink) vs off.
+bench-tracing: venv
+	$(VENV)/bin/python benchmarks/tracing.py $(ARGS)
 
 ## make bench-modes: a response-body-only chain behind its generated Envoy config vs the same chain with everything sent.
 bench-modes: venv

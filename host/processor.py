@@ -402,6 +402,8 @@ class StreamProcessor:
                 self.bypass = True  # nothing to close: no plugin was fully built
                 if self.plan.route.failure_policy != "fail_open":
                     raise StreamFailed(str(exc)) from exc
+        elif self.router.tracing is not None:  # no hook to trace, but the stream has its span
+            self._trace(req)
 
     def _trace(self, req: pb.ProcessingRequest) -> StreamTrace | None:
         """The stream's span when tracing: in the trace of Envoy's call (its metadata), else of

@@ -170,7 +170,7 @@ class ExternalProcessor:
                 admission.abnormal += 1  # grpc.aio may leave its buffers in cycles: reclaim them
             if stream.charged:
                 admission.release(stream)
-            if stream.chain is None and not self._announce:
+            if stream.chain is None and stream.trace is None and not self._announce:
                 admission.closed()  # no plugin instance to close and nobody to tell
                 admission.count(stream, error)
             else:

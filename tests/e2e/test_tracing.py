@@ -75,6 +75,10 @@ service_name = "extproc-host-test"
 [routes.default]
 chain = ["reject_413", "fail_on_chunk", "passthrough"]
 body_mode = "FULL_DUPLEX_STREAMED"
+[routes.plain]
+chain = ["passthrough"]
+path_prefix = "/plain"
+body_mode = "FULL_DUPLEX_STREAMED"
 """
     )
     env = {"PYTHONPATH": PYTHONPATH, "OTEL_BSP_SCHEDULE_DELAY": "100"}
@@ -83,16 +87,21 @@ body_mode = "FULL_DUPLEX_STREAMED"
         ok = post(f"{stack.url}/ok", {"traceparent": f"00-{trace_id}-{client_span}-01"})
         rejected = post(f"{stack.url}/rejected", {"traceparent": f"00-{trace_id}-{client_span}-01", "x-reject": "yes"})
         failed = post(f"{stack.url}/failed", {"traceparent": f"00-{trace_id}-{client_span}-01", "x-fail-on-chunk": "1"})
+        plain = post(f"{stack.url}/plain", {"traceparent": f"00-{trace_id}-{client_span}-01"})
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and len([s for s in servicer.spans if s.name == "ext_proc default"]) < 3:
+        while time.monotonic() < deadline and len([s for s in servicer.spans if s.name.startswith("ext_proc ")]) < 4:
             time.sleep(0.1)
-    assert (ok, rejected, failed) == (200, 413, 500)
+    assert (ok, rejected, failed, plain) == (200, 413, 500, 200)
+    # A chain with no hook to run (passthrough alone) still gives its stream a span, with no children.
+    (quiet,) = [s for s in servicer.spans if s.name == "ext_proc plain"]
+    assert quiet.trace_id.hex() == trace_id and quiet.parent_span_id.hex() == client_span
+    assert not [s for s in servicer.spans if s.parent_span_id == quiet.span_id]
     streams = [s for s in servicer.spans if s.name == "ext_proc default"]
     assert len(streams) == 3, [s.name for s in servicer.spans]
     for span in streams:
         assert span.trace_id.hex() == trace_id and span.parent_span_id.hex() == client_span
         assert span.kind == span.SPAN_KIND_SERVER
-    hooks = [s for s in servicer.spans if s.name != "ext_proc default"]
+    hooks = [s for s in servicer.spans if not s.name.startswith("ext_proc ")]
     by_parent = {span.span_id: [h.name for h in hooks if h.parent_span_id == span.span_id] for span in streams}
     names = sorted(by_parent.values(), key=len)
     assert any("reject_413.on_request_headers" in n and "fail_on_chunk.on_request_body" in n for n in names)
