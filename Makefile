@@ -11,6 +11,10 @@ $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet -e '.[dev]'
+	@# xds-protos ships a 2021 copy of opentelemetry-proto's modules under the same names
+	@# (grpc/grpc#42926) and pip may install it last: put opentelemetry-proto's own back.
+	$(VENV)/bin/python -m pip install --quiet --force-reinstall --no-deps \
+		"opentelemetry-proto==$$($(VENV)/bin/python -c 'from importlib.metadata import version; print(version("opentelemetry-proto"))')"
 	touch $(STAMP)
 
 ## make demo: 10 concurrent 70 MiB uploads through Envoy + host (FULL_DUPLEX_STREAMED, STREAMED) and Envoy alone;

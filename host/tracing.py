@@ -11,6 +11,8 @@ checks one attribute per hook call.
 
 from __future__ import annotations
 
+import importlib
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from .errors import ConfigError, LimitExceeded, PluginError, StreamAborted
@@ -19,6 +21,24 @@ from .settings import TracingSettings
 
 #: The W3C trace context fields read from the ext_proc call's metadata or the request's headers.
 TRACE_FIELDS = ("traceparent", "tracestate")
+
+
+def sdk_missing(exc: ImportError) -> str:
+    """Why OpenTelemetry's SDK did not import: the ``tracing`` extra not installed, or
+    opentelemetry-proto's modules replaced by the 2021 copies xds-protos ships under the same
+    names (grpc/grpc#42926: whichever of the two packages pip installs last owns the files)."""
+    try:
+        common = importlib.import_module("opentelemetry.proto.common.v1.common_pb2")
+        proto = version("opentelemetry-proto")
+    except (ImportError, PackageNotFoundError):
+        return f"[server.tracing] enabled needs OpenTelemetry's SDK: pip install 'extproc-host[tracing]' ({exc})"
+    if not hasattr(common, "InstrumentationScope"):
+        return (
+            "[server.tracing] enabled needs opentelemetry-proto's modules, and xds-protos installed its older "
+            "copies over them (both ship opentelemetry/proto/, grpc/grpc#42926); put them back with: "
+            f"pip install --force-reinstall --no-deps opentelemetry-proto=={proto}"
+        )
+    return f"[server.tracing] enabled: OpenTelemetry's SDK does not import ({exc})"
 
 
 class Tracing:
@@ -34,9 +54,7 @@ class Tracing:
             from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
             from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
         except ImportError as exc:
-            raise ConfigError(
-                f"[server.tracing] enabled needs OpenTelemetry's SDK: pip install 'extproc-host[tracing]' ({exc})"
-            ) from None
+            raise ConfigError(sdk_missing(exc)) from None
         self.provider = TracerProvider(
             resource=Resource.create({"service.name": settings.service_name}),
             sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio)),

@@ -294,14 +294,44 @@ class Outcome:
     bytes_sent: int = 0
 
 
+class GoawayScanner:
+    """Reads the host's frames as they arrive and keeps only GOAWAY error codes: the frames
+    before a GOAWAY (answers to the attack's streams) may be megabytes, none of them kept."""
+
+    def __init__(self) -> None:
+        self.codes: list[int] = []
+        self.pending = b""  # the start of a frame not yet whole (at most a GOAWAY's first 17 bytes)
+        self.skip = 0  # payload bytes of the current non-GOAWAY frame still to pass over
+
+    def feed(self, data: bytes) -> None:
+        data = self.pending + data
+        self.pending = b""
+        pos = 0
+        while pos < len(data):
+            if self.skip:
+                step = min(self.skip, len(data) - pos)
+                self.skip -= step
+                pos += step
+                continue
+            if len(data) - pos < 9:
+                break
+            length = int.from_bytes(data[pos : pos + 3], "big")
+            if data[pos + 3] != 7:
+                pos += 9
+                self.skip = length
+                continue
+            if len(data) - pos < 9 + length:
+                break
+            if length >= 8:
+                self.codes.append(struct.unpack(">L", data[pos + 13 : pos + 17])[0])
+            pos += 9 + length
+        self.pending = data[pos:]
+
+
 def goaway_codes(data: bytes) -> list[int]:
-    codes, pos = [], 0
-    while pos + 9 <= len(data):
-        length = int.from_bytes(data[pos : pos + 3], "big")
-        if data[pos + 3] == 7 and pos + 17 <= len(data):
-            codes.append(struct.unpack(">L", data[pos + 13 : pos + 17])[0])
-        pos += 9 + length
-    return codes
+    scanner = GoawayScanner()
+    scanner.feed(data)
+    return scanner.codes
 
 
 def run_attacker(port: int, make: Callable[[], Attack], stop: threading.Event, outcome: Outcome) -> None:
@@ -309,7 +339,7 @@ def run_attacker(port: int, make: Callable[[], Attack], stop: threading.Event, o
         attack = make()
         sock = socket.create_connection(("127.0.0.1", port))
         outcome.connections += 1
-        received = b""
+        scanner = GoawayScanner()
         sock.settimeout(0.5)
         try:
             # The host's SETTINGS acknowledged at once (unread): each attack is about itself,
@@ -323,7 +353,7 @@ def run_attacker(port: int, make: Callable[[], Attack], stop: threading.Event, o
                     sock.setblocking(False)
                     try:
                         while data := sock.recv(1 << 20):
-                            received += data[:64] if len(received) > 1 << 16 else data
+                            scanner.feed(data)
                     except BlockingIOError:
                         pass
                     else:
@@ -338,11 +368,11 @@ def run_attacker(port: int, make: Callable[[], Attack], stop: threading.Event, o
             try:
                 sock.settimeout(0.5)
                 while data := sock.recv(1 << 20):
-                    received += data
+                    scanner.feed(data)
             except OSError:
                 pass
             sock.close()
-        outcome.goaways.extend(goaway_codes(received))
+        outcome.goaways.extend(scanner.codes)
 
 
 def run_slowloris(port: int, stop: threading.Event, outcome: Outcome) -> None:
