@@ -67,21 +67,27 @@ class Tracing:
         self.server_kind = SpanKind.SERVER
         self.error_status = Status(StatusCode.ERROR)
 
-    def stream(self, route: str, stream_id: str, carrier: dict[str, str], attributes: dict[str, Any]) -> StreamTrace:
+    def stream(
+        self, route: str, stream_id: str, carrier: dict[str, str], attributes: dict[str, Any]
+    ) -> StreamTrace | None:
         """A stream's span, child of the trace context in ``carrier`` (``traceparent``), with
-        ``attributes``."""
+        ``attributes``; None when the sampler leaves the stream out (its hook spans would be
+        left out as well: nothing of it is exported, so nothing of it is kept)."""
+        span = self._span(route, stream_id, carrier, attributes)
+        return StreamTrace(self, span) if span.is_recording() else None
+
+    def _span(self, route: str, stream_id: str, carrier: dict[str, str], attributes: dict[str, Any]) -> Any:
         parent = self.propagator.extract(carrier) if carrier else None
-        span = self.tracer.start_span(
+        return self.tracer.start_span(
             f"ext_proc {route}",
             context=parent,
             kind=self.server_kind,
             attributes={"extproc.route": route, "extproc.stream_id": stream_id, **attributes},
         )
-        return StreamTrace(self, span)
 
     def refused(self, route: str, reason: str, message: str, carrier: dict[str, str]) -> None:
         """A span for a stream the host refused (no plugin ran for it), with the reason."""
-        span = self.stream(route, "refused", carrier, {}).span
+        span = self._span(route, "refused", carrier, {})
         span.add_event("refused", {"extproc.reason": reason, "reason": message[:512]})
         span.set_status(self.error_status)
         span.end()
