@@ -181,7 +181,9 @@ def test_dependencies_install_before_the_code_is_copied() -> None:
     assert "-c constraints.txt" in steps[first_install]
     # opentelemetry-proto's modules installed again over xds-protos' copies (grpc/grpc#42926).
     install = steps[first_install]
-    assert install.index("--force-reinstall -c constraints.txt opentelemetry-proto") > install.index("-r requirements.txt")
+    assert install.index("--force-reinstall -c constraints.txt opentelemetry-proto") > install.index(
+        "-r requirements.txt"
+    )
     assert any("--no-deps ." in step for step in steps[first_install + 1 :])  # the project alone, after the code
 
 
