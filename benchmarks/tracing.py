@@ -3,6 +3,7 @@ against the same host with it off, side by side in one ``benchmarks/run.py`` run
 
     make bench-tracing                      # or: .venv/bin/python benchmarks/tracing.py
     make bench-tracing ARGS="--runs 5"      # any run.py option passes through
+    EXTPROC_SERVER__TRACING__SAMPLE_RATIO=0.1 make bench-tracing   # a share of the streams sampled
 
 The traced host exports to an OTLP/gRPC sink served here, on a free loopback port, that counts
 and drops what it receives, as a collector would take it (so the export's cost is in the
