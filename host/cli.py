@@ -20,6 +20,7 @@ from .modes import RouteModes
 from .registry import load_host
 from .routes import Route
 from .settings import parse_listen
+from .tracing import require_sdk
 
 
 class MissingExtra(Exception):
@@ -285,6 +286,10 @@ def _check(args: argparse.Namespace) -> int:
         control = describe_control(route)
         if control and not host.modes[name].disabled:
             print(f"  also: {control}")
+    tracing = settings.server.tracing
+    if tracing.enabled:
+        require_sdk()
+        print(f"traces: OTLP/gRPC to {tracing.endpoint}, sample_ratio {tracing.sample_ratio:g}")
     print(f"{args.config}: OK, listen {settings.server.listen}")
     return 0
 

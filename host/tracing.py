@@ -23,6 +23,16 @@ from .settings import TracingSettings
 TRACE_FIELDS = ("traceparent", "tracestate")
 
 
+def require_sdk() -> None:
+    """Raise :class:`ConfigError`, saying how to repair it, when OpenTelemetry's SDK or its
+    OTLP/gRPC exporter does not import (``extproc-host check`` asks before a start would)."""
+    try:
+        import opentelemetry.exporter.otlp.proto.grpc.trace_exporter
+        import opentelemetry.sdk.trace  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(sdk_missing(exc)) from None
+
+
 def sdk_missing(exc: ImportError) -> str:
     """Why OpenTelemetry's SDK did not import: the ``tracing`` extra not installed, or
     opentelemetry-proto's modules replaced by the 2021 copies xds-protos ships under the same
@@ -38,7 +48,7 @@ def sdk_missing(exc: ImportError) -> str:
             "copies over them (both ship opentelemetry/proto/, grpc/grpc#42926); put them back with: "
             f"pip install --force-reinstall --no-deps opentelemetry-proto=={proto}"
         )
-    return f"[server.tracing] enabled: OpenTelemetry's SDK does not import ({exc})"
+    return f"[server.tracing] enabled: OpenTelemetry's SDK does not import ({exc}); pip install 'extproc-host[tracing]'"
 
 
 class Tracing:

@@ -8,7 +8,7 @@ import base64
 import hashlib
 import sys
 import types
-from importlib.metadata import files, version
+from importlib.metadata import PackageNotFoundError, files, version
 
 import pytest
 
@@ -35,8 +35,29 @@ def test_overwritten_protos_are_named_with_the_command_that_puts_them_back(monke
     assert f"pip install --force-reinstall --no-deps opentelemetry-proto=={version('opentelemetry-proto')}" in message
 
 
+def not_installed(name: str) -> str:
+    raise PackageNotFoundError(name)
+
+
 def test_a_missing_sdk_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, COMMON, None)  # not installed: importing it fails
+    monkeypatch.setattr("extproc_host.tracing.version", not_installed)
     message = sdk_missing(ImportError("No module named 'opentelemetry.sdk'"))
     assert "pip install 'extproc-host[tracing]'" in message
     assert "No module named 'opentelemetry.sdk'" in message
+
+
+def test_check_refuses_a_settings_file_whose_traces_cannot_start(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from extproc_host.cli import main
+
+    config = tmp_path / "host.toml"
+    config.write_text('[server.tracing]\nenabled = true\n[routes.default]\nchain = ["passthrough"]\n')
+    assert main(["check", "--config", str(config)]) == 0
+    assert "traces: OTLP/gRPC to http://127.0.0.1:4317, sample_ratio 1" in capsys.readouterr().out
+
+    # The extra not installed: no SDK, no opentelemetry-proto (only xds-protos' copy of its modules).
+    monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)
+    monkeypatch.setattr("extproc_host.tracing.version", not_installed)
+    assert main(["check", "--config", str(config)]) == 2
+    assert "pip install 'extproc-host[tracing]'" in capsys.readouterr().err
