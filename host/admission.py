@@ -27,10 +27,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from .errors import LimitExceeded, PluginError, StreamAborted
 from .metrics import Metrics
 from .plugin import Reject
-from .processor import Router, StreamProcessor
-from .protocol import header_items
+from .processor import Router, StreamProcessor, request_trace_context
 from .settings import ServerSettings
-from .tracing import trace_carrier
 from .wire import Budget, LogLimiter
 
 log = logging.getLogger("extproc_host.server")
@@ -168,8 +166,7 @@ class Admission:
         except (TimeoutError, StopAsyncIteration):
             pass
         if self.router.tracing is not None:
-            headers = header_items(first.request_headers.headers) if first is not None else ()
-            self.router.tracing.refused(route, reason, message, trace_carrier(headers))
+            self.router.tracing.refused(route, reason, message, request_trace_context(first))
         logged.warning("refused", "route %s: %s", route, message)
         if self.metrics is not None:
             self.metrics.route(route).streams["refused"] += 1

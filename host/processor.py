@@ -105,6 +105,14 @@ _PARTS = {
 }
 
 
+def request_trace_context(req: pb.ProcessingRequest | None) -> dict[str, str]:
+    """The W3C trace context (``traceparent``) the request headers in ``req`` carry; empty
+    when ``req`` is not a request headers message."""
+    if req is None or not req.HasField("request_headers"):
+        return {}
+    return trace_carrier(header_items(req.request_headers.headers))
+
+
 class Router:
     """Picks a route's chain plan: by Envoy route name, else by path prefix, else ``default``.
 
@@ -411,9 +419,7 @@ class StreamProcessor:
         tracing = self.router.tracing
         if tracing is None:
             return None
-        carrier = self.trace_context or (
-            trace_carrier(header_items(req.request_headers.headers)) if req.HasField("request_headers") else {}
-        )
+        carrier = self.trace_context or request_trace_context(req)
         self.trace = tracing.stream(
             self.route_name,
             self.stream_id,

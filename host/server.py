@@ -253,12 +253,8 @@ def http2_limits(settings: Settings) -> Http2Limits:
         frame_timeout=http2.frame_timeout_seconds,
         idle_timeout=http2.idle_timeout_seconds,
         stall_timeout=http2.stall_timeout_seconds,
-        control_burst=http2.flood_burst,
-        control_rate=http2.flood_rate,
-        reset_burst=http2.flood_burst,
-        reset_rate=http2.flood_rate,
-        empty_burst=http2.flood_burst,
-        empty_rate=http2.flood_rate,
+        flood_burst=http2.flood_burst,
+        flood_rate=http2.flood_rate,
     )
 
 

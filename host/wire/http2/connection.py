@@ -209,9 +209,9 @@ class Connection:
         self.partial_since: float | None = None
         self.blocked_since: float | None = None
         self.shutdown_at = 0.0
-        self.control = Bucket(limits.control_burst, limits.control_rate)
-        self.resets = Bucket(limits.reset_burst, limits.reset_rate)
-        self.empty = Bucket(limits.empty_burst, limits.empty_rate)
+        self.control = Bucket(limits.flood_burst, limits.flood_rate)
+        self.resets = Bucket(limits.flood_burst, limits.flood_rate)
+        self.empty = Bucket(limits.flood_burst, limits.flood_rate)
 
     # -- writing ----------------------------------------------------------------------------
 

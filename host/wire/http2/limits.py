@@ -38,13 +38,12 @@ class Limits:
     #: Seconds the server may wait on a peer that neither opens its flow-control window nor
     #: reads the socket, while answers wait to be sent, before the connection ends (0: never).
     stall_timeout: float = 60.0
-    #: Token buckets (capacity, tokens per second) per connection.
-    control_burst: int = 1000  # PING, SETTINGS, PRIORITY, unknown frame types
-    control_rate: float = 100.0
-    reset_burst: int = 1000  # resets of unanswered streams, refused streams, stream errors
-    reset_rate: float = 100.0
-    empty_burst: int = 1000  # DATA or CONTINUATION carrying nothing, tiny DATA that completes nothing
-    empty_rate: float = 100.0
+    #: The capacity and the tokens per second of each of a connection's three token buckets:
+    #: control frames (PING, SETTINGS, PRIORITY, unknown frame types), resets (of unanswered
+    #: streams, refused streams, stream errors) and empty frames (DATA or CONTINUATION carrying
+    #: nothing, tiny DATA that completes nothing).
+    flood_burst: int = 1000
+    flood_rate: float = 100.0
 
 
 class Bucket:
