@@ -7,8 +7,9 @@ load leave the running ones in place, and the log says why. Otherwise new stream
 routes and plugin chains, the new plugin manager's ``host_started`` hook runs, and the streams
 already open finish on the chains they started with (each holds its own).
 
-Some settings only take effect at a restart (where and how the server listens, its limits,
-workers, logging); a reload that changes them says so. A change that needs a different Envoy
+Most ``[server]`` keys only take effect at a restart (where and how the server listens, its
+limits, workers, logging); a reload that changes them says so. The drain delay and the grace
+period are read when the host stops, from the settings the last reload loaded. A change that needs a different Envoy
 config (a route added or removed, its path, body modes, what it exchanges with the host) is said
 too, with the command that shows the difference: ``extproc-host envoy-config --config FILE
 --diff ENVOY.yaml``.
@@ -26,26 +27,11 @@ from .settings import ServerSettings
 
 log = logging.getLogger("extproc_host.server")
 
-#: ``[server]`` keys a reload cannot change in a running process.
-RESTART_KEYS = (
-    "listen",
-    "transport",
-    "workers",
-    "tls",
-    "http2",
-    "event_loop",
-    "log_level",
-    "log_format",
-    "metrics_listen",
-    "max_message_bytes",
-    "stream_window_bytes",
-    "max_concurrent_streams",
-    "max_held_bytes",
-    "idle_timeout_seconds",
-    "observe_buffer_bytes",
-    "tracing",
-    "watch_config_seconds",
-)
+#: ``[server]`` keys a reload applies: the plugin modules are imported as the file is loaded,
+#: and how the host stops is read when it stops. Every other key is about how the running server
+#: listens, logs and counts, and only a restart changes it.
+RELOADED_KEYS = ("plugin_modules", "drain_seconds", "grace_seconds")
+RESTART_KEYS = tuple(key for key in ServerSettings.model_fields if key not in RELOADED_KEYS)
 
 
 @dataclass(frozen=True)
@@ -65,7 +51,7 @@ def reload_host(config: str | None, current: LoadedHost) -> Reloaded:
 
 def restart_changes(old: ServerSettings, new: ServerSettings) -> tuple[str, ...]:
     """The ``[server]`` keys that changed and only a restart applies."""
-    return tuple(f"[server] {key}" for key in RESTART_KEYS if getattr(old, key, None) != getattr(new, key, None))
+    return tuple(f"[server] {key}" for key in RESTART_KEYS if getattr(old, key) != getattr(new, key))
 
 
 def envoy_changes(old: LoadedHost, new: LoadedHost) -> tuple[str, ...]:

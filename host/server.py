@@ -328,8 +328,9 @@ async def serve(
         loop.add_signal_handler(sig, hurry.set)
     # SIGTERM comes from an orchestrator whose load balancer must see the host go first;
     # Ctrl-C (SIGINT) comes from a terminal: no drain delay.
-    drain = settings.server.drain_seconds if stopped_by[0] == signal.SIGTERM else 0.0
-    await graceful_stop(server, servicer, health, settings.server.grace_seconds, hurry, drain=drain)
+    stopping = current[0].settings.server  # drain_seconds and grace_seconds as last reloaded
+    drain = stopping.drain_seconds if stopped_by[0] == signal.SIGTERM else 0.0
+    await graceful_stop(server, servicer, health, stopping.grace_seconds, hurry, drain=drain)
     if metrics is not None:
         metrics.close()
     if tracing is not None:

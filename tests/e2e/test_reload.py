@@ -4,8 +4,9 @@
 tag) and the supervisor gets SIGHUP; an ordinary client keeps sending requests all along. No
 request fails, every body comes back byte for byte, the held uploads finish on the chain they
 started with and new requests get the new one. Settings that do not load, sent with SIGHUP,
-leave the running ones in place; a reload that needs Envoy's config changed says so; and
-``[server] watch_config_seconds`` reloads a changed file without a signal.
+leave the running ones in place; a reload that needs Envoy's config changed says so;
+``[server] watch_config_seconds`` reloads a changed file without a signal; and a reloaded drain
+delay is the one the host stops with.
 """
 
 from __future__ import annotations
@@ -148,6 +149,21 @@ def test_a_changed_file_is_reloaded_when_watched(tmp_path: Path) -> None:
         assert asyncio.run(_one(stack))[1] == "v1"
         write(config, "v2", server="watch_config_seconds = 0.2")
         wait_until(lambda: asyncio.run(_one(stack))[1] == "v2", 10, "the new tag")
+
+
+def test_a_reload_changes_how_the_host_stops(tmp_path: Path) -> None:
+    """drain_seconds is read when the host stops: a reload from 120 s to 0 makes SIGTERM stop
+    the host at once."""
+    config = tmp_path / "host.toml"
+    write(config, "v1", server="drain_seconds = 120")
+    with Stack(None, config, host_env={"PYTHONPATH": PYTHONPATH}, host_drain_seconds=None) as stack:
+        write(config, "v2", server="drain_seconds = 0")
+        os.kill(stack.pids["host"], signal.SIGHUP)
+        wait_until(lambda: log_lines(stack, r"reloaded .*host\.toml") >= 1, 30, "the reload")
+        assert log_lines(stack, "not applied until a restart") == 0
+        os.kill(stack.pids["host"], signal.SIGTERM)
+        wait_until(lambda: stack.exit_status("host") is not None, 60, "the host stopped without the old drain")
+        assert stack.exit_status("host") == 0
 
 
 async def _one(stack: Stack) -> tuple[int, str | None, bytes]:
