@@ -478,8 +478,9 @@ def build_bootstrap(
             envoy_route.request_body_buffer_limit = route.modes.buffer_limit_bytes
         envoy_routes.append(envoy_route)
     http_filters = []
+    grpc_service = _grpc_service(settings, options)  # one host for every filter
     for ext_proc in filters:
-        config = _filter_config(ext_proc, _grpc_service(settings, options))
+        config = _filter_config(ext_proc, grpc_service)
         if ext_proc.options.observe:
             # Observing never fails an exchange: a host that is down or refuses is skipped.
             config.failure_mode_allow = True
