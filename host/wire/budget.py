@@ -41,10 +41,6 @@ class Budget:
         """The limit is reached: hold the peer back."""
         return bool(self.limit) and self.held + self.reserved >= self.limit
 
-    def fits(self, size: int) -> bool:
-        """Whether ``size`` more bytes stay within the limit."""
-        return not self.limit or self.held + self.reserved + size <= self.limit
-
     def reserve(self, size: int) -> bool:
         """Reserve ``size`` for a new stream; False (nothing reserved) when the reservations
         would pass the limit."""
@@ -60,14 +56,14 @@ class Budget:
     def give(self, size: int) -> None:
         """``size`` bytes are not held any more."""
         self.held -= size
-        if self.waiting and self.held + self.reserved < self.limit:
-            self._room()
+        if self.waiting:
+            self._room_again()
 
     def unreserve(self, size: int) -> None:
         """A stream's reservation ends."""
         self.reserved -= size
-        if self.waiting and self.held + self.reserved < self.limit:
-            self._room()
+        if self.waiting:
+            self._room_again()
 
     def wait(self, key: object, wake: Callable[[], None]) -> None:
         """Call ``wake()`` once, when the budget is below its limit again (``key``: who waits)."""
@@ -77,7 +73,10 @@ class Budget:
         """``key`` waits no more."""
         self.waiting.pop(key, None)
 
-    def _room(self) -> None:
+    def _room_again(self) -> None:
+        """Wake those waiting once the budget is below its limit again."""
+        if self.held + self.reserved >= self.limit:
+            return
         waiting, self.waiting = self.waiting, {}
         for wake in waiting.values():
             wake()

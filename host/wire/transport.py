@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from .http2.connection import Application, Connection
+from .http2.connection import Application, Connection, nothing
 from .http2.frames import INTERNAL_ERROR
 from .http2.limits import Limits
 
@@ -138,7 +138,7 @@ class Transport(asyncio.Protocol):
         if conn is not None:
             conn.lost()
             # What ties the connection, its application and this transport to each other.
-            conn.wants_flush = conn.flush_now = conn.wants_close = _nothing
+            conn.wants_flush = conn.flush_now = conn.wants_close = nothing
             conn.out = []
         self.transport = None
 
@@ -175,7 +175,3 @@ class Sweeper:
             now = time.monotonic()
             for transport in list(self.transports):
                 transport.check(now)
-
-
-def _nothing() -> None:
-    pass

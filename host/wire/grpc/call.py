@@ -80,7 +80,7 @@ class Windows:
         if grow <= 0:
             return 0
         budget = self.budget
-        if budget.limit and (not budget.fits(grow) or self.granted + grow > budget.limit >> 3):
+        if budget.limit and (budget.total + grow > budget.limit or self.granted + grow > budget.limit >> 3):
             budget.held_back += 1
             return 0
         budget.take(grow)
@@ -149,12 +149,10 @@ class Call:
         "done_callback",
         "ended",
         "grown",
-        "headers_sent",
         "loop",
         "messages",
         "method",
         "plain",
-        "remote_closed",
         "request",
         "stream",
         "task",
@@ -188,9 +186,7 @@ class Call:
         self.task: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.deadline: float | None = None
-        self.remote_closed = stream.remote_closed
         self.ended = False  # the call's status went out, or the stream was reset
-        self.headers_sent = False
         self.undecodable = False  # a request message could not be parsed
         self.done_callback: Callable[[asyncio.Task[None]], None] | None = None
 
@@ -226,7 +222,6 @@ class Call:
         pass  # gRPC requests carry none; the stream's end follows
 
     def remote_end(self) -> None:
-        self.remote_closed = True
         if self.messages.cut and not self.ended:
             self.fail(StatusCode.INTERNAL, "the request ended in the middle of a message")
         self.wake()
@@ -234,7 +229,6 @@ class Call:
     def reset(self, code: int) -> None:
         """The stream was reset (by the peer, for an error, or with its connection): the
         handler is cancelled."""
-        self.remote_closed = True
         if not self.ended:
             self.ended = True
             self._release()
@@ -278,8 +272,7 @@ class Call:
             raise asyncio.CancelledError("stream reset")
         conn = self.conn
         stream = self.stream
-        if not self.headers_sent:
-            self.headers_sent = True
+        if not stream.answered:
             conn.send_headers(stream, RESPONSE_HEADERS)
         size = len(message) + 5
         if size <= conn.peer_max_frame and size <= stream.send_window and size <= conn.send_window and not conn.paused:
@@ -345,7 +338,7 @@ class Call:
             if self.conn.peer_max_header_list is not None:  # the peer's own limit, if smaller
                 limit = min(limit, max(self.conn.peer_max_header_list - 512, 64))
             block = status_block(code, details, limit)
-        if not self.headers_sent:
+        if not self.stream.answered:
             block = RESPONSE_HEADERS + block
         self.conn.send_headers(self.stream, block, end_stream=True)
         self._release()
@@ -417,7 +410,7 @@ class Requests:
             messages.done()
         inbox = messages.inbox
         while not inbox:
-            if call.remote_closed or call.ended:
+            if call.ended or call.stream.remote_closed:
                 raise StopAsyncIteration
             waiter = call.waiter = call.loop.create_future()
             await waiter

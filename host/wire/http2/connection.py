@@ -26,6 +26,7 @@ from typing import Protocol
 from .fields import TABLE_SIZE_ZERO, Decoder, Malformed, Request
 from .frames import (
     ACK,
+    CANCEL,
     CONTINUATION,
     DATA,
     DEFAULT_FRAME,
@@ -88,6 +89,7 @@ OWN_MAX_FRAME = 1 << 18
 #: The connection's receive window: 1 GiB (each stream's own window is what bounds memory);
 #: given back once half of it is used.
 CONNECTION_WINDOW = 1 << 30
+HALF_CONNECTION_WINDOW = CONNECTION_WINDOW // 2  # given back whole once this much was received
 #: DATA frames shorter than this that complete no message count as empty (limits.py).
 TINY_DATA = 1024
 #: How many closed streams' endings are remembered (see the module's docstring).
@@ -140,7 +142,6 @@ class Stream:
         "id",
         "received",
         "recv_unacked",
-        "recv_window",
         "remote_closed",
         "send_window",
         "window",
@@ -150,9 +151,8 @@ class Stream:
         self.id = stream_id
         self.handler: StreamHandler | None = None
         self.send_window = send_window
-        self.recv_window = recv_window  # what the peer may still send before a WINDOW_UPDATE
         self.window = recv_window  # the receive window the host keeps giving back (grows: credit)
-        self.recv_unacked = 0  # received and not yet given back
+        self.recv_unacked = 0  # received and not yet given back: the peer may send window - this
         self.remote_closed = False
         self.closed = False
         self.answered = False  # the server sent HEADERS on it
@@ -168,9 +168,9 @@ class Connection:
         self.limits = limits
         self.peer = peer
         self.out: list[bytes | memoryview] = []
-        self.wants_flush: Callable[[], None] = _nothing  # the transport: write ``out`` soon
-        self.flush_now: Callable[[], None] = _nothing  # the transport: write ``out`` now
-        self.wants_close: Callable[[], None] = _nothing  # the transport: close once written
+        self.wants_flush: Callable[[], None] = nothing  # the transport: write ``out`` soon
+        self.flush_now: Callable[[], None] = nothing  # the transport: write ``out`` now
+        self.wants_close: Callable[[], None] = nothing  # the transport: close once written
         self.decoder = Decoder(limits.max_header_list_size)
         self.streams: dict[int, Stream] = {}
         self.closed_streams: dict[int, int] = {}  # stream id: how it closed (the last CLOSED_MEMORY)
@@ -298,7 +298,6 @@ class Connection:
             return
         increment = unacked + grow
         stream.recv_unacked = 0
-        stream.recv_window += increment
         stream.window += grow
         self.write(window_update_frame(stream.id, increment))
 
@@ -308,15 +307,15 @@ class Connection:
         if self.closed:
             return
         self.closed = True
-        last = self.last_stream if self.goaway_last == LAST_POSSIBLE_STREAM else min(self.last_stream, self.goaway_last)
+        last = min(self.last_stream, self.goaway_last)
         self.write(goaway_frame(last, code, message.encode("utf-8", "replace")[:256]))
-        self._reset_all(NO_ERROR if code == NO_ERROR else code)
+        self._reset_all(code)
         self.wants_close()
 
     def lost(self) -> None:
         """The socket is gone: every open stream's handler is reset."""
         self.closed = True
-        self._reset_all(0x8)  # CANCEL
+        self._reset_all(CANCEL)
 
     def shutdown(self) -> None:
         """Graceful shutdown, first step: GOAWAY with the highest stream id (streams already on
@@ -501,7 +500,7 @@ class Connection:
         self.recv_window -= size
         if self.recv_window < 0:
             raise ConnectionFault(FLOW_CONTROL_ERROR, "the peer sent past the connection's flow-control window")
-        if self.recv_window <= CONNECTION_WINDOW // 2:
+        if self.recv_window <= HALF_CONNECTION_WINDOW:
             self.write(window_update_frame(0, CONNECTION_WINDOW - self.recv_window))
             self.recv_window = CONNECTION_WINDOW
         stream = self.streams.get(stream_id)
@@ -512,9 +511,9 @@ class Connection:
             raise StreamFault(stream_id, STREAM_CLOSED, "DATA after the peer's END_STREAM")
         if flags & PADDED:
             payload = unpad(payload, DATA)
-        stream.recv_window -= size
-        stream.recv_unacked += size
-        if stream.recv_window < 0:
+        unacked = stream.recv_unacked + size
+        stream.recv_unacked = unacked
+        if unacked > stream.window:
             raise StreamFault(stream_id, FLOW_CONTROL_ERROR, "the peer sent past the stream's flow-control window")
         end = flags & END_STREAM
         if stream.content_length is not None:
@@ -666,7 +665,6 @@ class Connection:
             if delta:
                 self.recv_initial = self.limits.initial_window
                 for stream in self.streams.values():  # section 6.9.2: open windows move too
-                    stream.recv_window += delta
                     stream.window += delta
             return
         self._spend(self.control, "SETTINGS frames")
@@ -778,5 +776,5 @@ def _name(kind: int) -> str:
     return FRAME_NAMES[kind] if kind < len(FRAME_NAMES) else f"frame type 0x{kind:x}"
 
 
-def _nothing() -> None:
-    pass
+def nothing() -> None:
+    """What the connection calls while no transport is attached, or once it is gone."""

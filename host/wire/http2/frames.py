@@ -228,7 +228,7 @@ def frame_header(kind: int, flags: int, stream_id: int, length: int) -> bytes:
 
 def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
     """A whole frame."""
-    return FRAME_HEADER.pack(len(payload) >> 8, len(payload) & 0xFF, kind, flags, stream_id) + payload
+    return frame_header(kind, flags, stream_id, len(payload)) + payload
 
 
 def settings_frame(pairs: list[tuple[int, int]]) -> bytes:
@@ -260,11 +260,10 @@ def goaway_frame(last_stream_id: int, code: int, debug: bytes = b"") -> bytes:
 
 
 def header_frames(stream_id: int, block: bytes, end_stream: bool, max_frame: int) -> list[bytes]:
-    """A header block as HEADERS then CONTINUATION frames of at most ``max_frame`` bytes each
-    (section 4.3: nothing else may come between them on the connection)."""
+    """A header block longer than ``max_frame`` as HEADERS then CONTINUATION frames of at most
+    ``max_frame`` bytes each (section 4.3: nothing else may come between them on the
+    connection); a block that fits goes out as one HEADERS frame (Connection.send_headers)."""
     flags = END_STREAM if end_stream else 0
-    if len(block) <= max_frame:
-        return [frame(HEADERS, flags | END_HEADERS, stream_id, block)]
     pieces = [block[start : start + max_frame] for start in range(0, len(block), max_frame)]
     out = [frame(HEADERS, flags, stream_id, pieces[0])]
     out.extend(frame(CONTINUATION, 0, stream_id, piece) for piece in pieces[1:-1])
