@@ -62,6 +62,7 @@ from .frames import (
     WINDOW_UPDATE,
     ConnectionFault,
     StreamFault,
+    check_stream_id,
     error_name,
     frame_header,
     goaway_frame,
@@ -441,11 +442,10 @@ class Connection:
             if kind != SETTINGS or flags & ACK:
                 raise ConnectionFault(PROTOCOL_ERROR, f"{_name(kind)} before the peer's SETTINGS")
             self.settings_received = True
+        check_stream_id(kind, stream_id)
         if kind == DATA:
             self._data(flags, stream_id, payload)
         elif kind == HEADERS:
-            if not stream_id:
-                raise ConnectionFault(PROTOCOL_ERROR, "HEADERS on stream 0")
             fragment, self_dependent = read_headers(flags, stream_id, payload)
             if flags & END_HEADERS:
                 self._header_block(stream_id, bytes(fragment), bool(flags & END_STREAM), self_dependent)
@@ -462,12 +462,8 @@ class Connection:
         elif kind == RST_STREAM:
             self._rst_stream(stream_id, payload)
         elif kind == SETTINGS:
-            if stream_id:
-                raise ConnectionFault(PROTOCOL_ERROR, f"SETTINGS on stream {stream_id}")
             self._settings(flags, payload)
         elif kind == PING:
-            if stream_id:
-                raise ConnectionFault(PROTOCOL_ERROR, f"PING on stream {stream_id}")
             opaque = read_ping(payload)
             if flags & ACK:
                 if opaque == SHUTDOWN_PING and self.goaway_stage == 1:
@@ -478,13 +474,9 @@ class Connection:
         elif kind == CONTINUATION:
             self._continuation(flags, stream_id, payload)
         elif kind == PRIORITY:
-            if not stream_id:
-                raise ConnectionFault(PROTOCOL_ERROR, "PRIORITY on stream 0")
             self._spend(self.control, "PRIORITY frames")
             read_priority(stream_id, payload)
         elif kind == GOAWAY:
-            if stream_id:
-                raise ConnectionFault(PROTOCOL_ERROR, f"GOAWAY on stream {stream_id}")
             _, code, debug = read_goaway(payload)
             if code != NO_ERROR:
                 log.debug("HTTP/2 peer %s sent GOAWAY %s: %r", self.peer, error_name(code), debug[:200])
@@ -494,8 +486,6 @@ class Connection:
             self._spend(self.control, "frames of unknown types")
 
     def _data(self, flags: int, stream_id: int, payload: memoryview) -> None:
-        if not stream_id:
-            raise ConnectionFault(PROTOCOL_ERROR, "DATA on stream 0")
         size = len(payload)  # what flow control counts: padding included
         self.recv_window -= size
         if self.recv_window < 0:
@@ -642,8 +632,6 @@ class Connection:
                 stream.handler.window_opened()
 
     def _rst_stream(self, stream_id: int, payload: memoryview) -> None:
-        if not stream_id:
-            raise ConnectionFault(PROTOCOL_ERROR, "RST_STREAM on stream 0")
         code = read_rst_stream(payload)
         stream = self.streams.get(stream_id)
         if stream is None:
