@@ -127,15 +127,14 @@ def make_stack(
         common["host_args"] = ["--workers", str(host.workers)]
     if split_connections:
         common["envoy_edit"] = limit_extproc_streams
-    if host.loads_modules:
-        env["PYTHONPATH"] = str(ROOT)  # plugin_modules such as benchmarks.response_plugins
-    envoy_config = host.envoy_config or "envoy/full_duplex.yaml"
+    path = []
     if host.code is not None:  # another revision's code: its packages first on the import path
-        start = (
-            f"import sys; sys.path.insert(0, {str(host.code)!r}); from extproc_host.cli import main; sys.exit(main())"
-        )
-        command = [sys.executable, "-c", start, "--config", str(host.config), "--listen", "127.0.0.1:0"]
-        return Stack(envoy_config, host_command=[*command, *common.pop("host_args", [])], host_env=env, **common)
+        path.append(str(host.code))  # (PYTHONPATH: the workers of --workers N import it too)
+    if host.loads_modules:
+        path.append(str(ROOT))  # plugin_modules such as benchmarks.response_plugins
+    if path:
+        env["PYTHONPATH"] = os.pathsep.join(path)
+    envoy_config = host.envoy_config or "envoy/full_duplex.yaml"
     return Stack(envoy_config, host_config=host.config, host_env=env, **common)
 
 

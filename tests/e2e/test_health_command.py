@@ -31,9 +31,7 @@ def test_health_command_reports_a_running_host(stack: Stack) -> None:
 
 
 def test_health_command_fails_for_a_host_that_is_not_there() -> None:
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()  # a port nobody listens on
     result = probe(f"127.0.0.1:{port}", "--timeout", "2")
     assert result.returncode == 1 and "UNAVAILABLE" in result.stderr
     assert probe("not-an-address").returncode == 2

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent import futures
@@ -17,6 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from ops_helpers import wait_until
 
 from extproc_host.stack import Stack
 
@@ -88,9 +88,9 @@ body_mode = "FULL_DUPLEX_STREAMED"
         rejected = post(f"{stack.url}/rejected", {"traceparent": f"00-{trace_id}-{client_span}-01", "x-reject": "yes"})
         failed = post(f"{stack.url}/failed", {"traceparent": f"00-{trace_id}-{client_span}-01", "x-fail-on-chunk": "1"})
         plain = post(f"{stack.url}/plain", {"traceparent": f"00-{trace_id}-{client_span}-01"})
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and len([s for s in servicer.spans if s.name.startswith("ext_proc ")]) < 4:
-            time.sleep(0.1)
+        wait_until(
+            lambda: len([s for s in servicer.spans if s.name.startswith("ext_proc ")]) >= 4, 15, "four stream spans"
+        )
     assert (ok, rejected, failed, plain) == (200, 413, 500, 200)
     # A chain with no hook to run (passthrough alone) still gives its stream a span, with no children.
     (quiet,) = [s for s in servicer.spans if s.name == "ext_proc plain"]

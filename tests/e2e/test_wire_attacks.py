@@ -28,6 +28,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from extproc_host.stack import Stack
 from tests.unit.h2peer import (
+    CODES,
     CONTINUATION,
     DATA,
     END_HEADERS,
@@ -49,7 +50,7 @@ ATTACK_SECONDS = 3.0
 AFTER_SECONDS = 1.0
 RSS_BOUND = 96 * MiB  # the host's peak RSS over its RSS before the attack
 LEGIT_BOUND = 3.0  # seconds for any ordinary request, during the attack and after
-ENHANCE_YOUR_CALM = 11
+ENHANCE_YOUR_CALM = CODES["ENHANCE_YOUR_CALM"]
 # No count of streams bounds the host here ([server] max_concurrent_streams = 0): the attacks
 # that hold streams open (window stall, huge announced messages) would otherwise fill that
 # count and refuse ordinary streams, which is admission's business, not the wire's; memory is
@@ -260,10 +261,6 @@ class HugeAnnounced(Attack):
             out.append(raw(HEADERS, END_HEADERS, stream_id, self.encoder.encode(grpc_request(PROCESS))))
             out.append(raw(DATA, 0, stream_id, b"\0" + struct.pack(">L", 100 * MiB) + b"0123456789"))
         return b"".join(out)
-
-
-class Slowloris(Attack):
-    """Many connections that send their preface a byte at a time, slower than any deadline."""
 
 
 ATTACKS: dict[str, type[Attack]] = {

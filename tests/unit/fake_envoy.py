@@ -23,7 +23,7 @@ from extproc_host.metrics import Metrics
 from extproc_host.processor import Router
 from extproc_host.registry import build_routes, discover, make_plugin_manager
 from extproc_host.server import ExternalProcessor, make_server
-from extproc_host.settings import load_settings
+from extproc_host.settings import Settings, load_settings
 
 Mode = processing_mode_pb2.ProcessingMode.BodySendMode
 FD, STREAMED, BUFFERED, NONE = Mode.FULL_DUPLEX_STREAMED, Mode.STREAMED, Mode.BUFFERED, Mode.NONE
@@ -171,7 +171,15 @@ async def fake_envoy(
     routes = build_routes(settings, discover(pm), config_path)
     limits = Limits.from_settings(settings.server)
     servicer = servicer_class(Router(routes, metrics, settings.server.max_message_bytes), pm, limits=limits)
-    # The shipped transport (EXTPROC_SERVER__TRANSPORT=grpcio: grpc.aio).
+    async with serve(settings, servicer) as envoy:
+        yield envoy
+
+
+@contextlib.asynccontextmanager
+async def serve(settings: Settings, servicer: ExternalProcessor) -> AsyncIterator[FakeEnvoy]:
+    """``servicer`` on the server ``settings`` make (the shipped transport;
+    EXTPROC_SERVER__TRANSPORT=grpcio: grpc.aio) on a free port, and a client playing Envoy;
+    everything stopped at the end."""
     server = make_server(settings, servicer)
     port = int((await Listener(parse_address("127.0.0.1:0")).start(server)).rpartition(":")[2])
     envoy = FakeEnvoy(port, servicer)

@@ -96,10 +96,9 @@ def grpc_request(path: str = "/test.Echo/Echo", **extra: str) -> list[tuple[str,
 
 @dataclass
 class Received:
-    """What the peer read: the frames in order, and whether the server closed the socket."""
+    """What the peer read: the frames in order."""
 
     frames: list[Frame] = field(default_factory=list)
-    closed: bool = False
 
     def of(self, kind: type[Frame], stream_id: int | None = None) -> list[Any]:
         return [f for f in self.frames if isinstance(f, kind) and (stream_id is None or f.stream_id == stream_id)]
@@ -177,7 +176,6 @@ class Peer:
                     return frame
             chunk = await asyncio.wait_for(self.reader.read(65536), timeout)
             if not chunk:
-                self.received.closed = True
                 return None
             self.buffer += chunk
 
@@ -241,9 +239,6 @@ class Peer:
                 if not trailers and "END_STREAM" in frame.flags and isinstance(frame, HeadersFrame):
                     trailers = headers  # Trailers-Only
                 return headers, body, trailers
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 def field_value(fields: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:

@@ -19,15 +19,14 @@ from google.protobuf import struct_pb2
 
 from extproc_host import Headers, Needs, Plugin, Reject, hookimpl
 from extproc_host.errors import ConfigError
-from extproc_host.listeners import Listener, parse_address
 from extproc_host.processor import Router
 from extproc_host.protocol import plain_struct
 from extproc_host.registry import assemble_host
-from extproc_host.server import ExternalProcessor, make_server
+from extproc_host.server import ExternalProcessor
 from extproc_host.settings import Settings
 from extproc_host.testing import PluginRunner, request, response
 
-from .fake_envoy import NONE, STREAMED, FakeEnvoy, request_headers, response_headers
+from .fake_envoy import NONE, STREAMED, FakeEnvoy, request_headers, response_headers, serve
 
 SKIP = processing_mode_pb2.ProcessingMode.SKIP
 
@@ -434,17 +433,8 @@ async def served(settings: dict, *plugins: type[Plugin]) -> AsyncIterator[FakeEn
     """The host's server for ``settings`` (routes with their modes and control, as serve
     builds them) and a client playing Envoy."""
     host = assemble_host(Settings(**settings), "test", extra=plugins)
-    servicer = ExternalProcessor(Router(host.routes), host.pm)
-    server = make_server(host.settings, servicer)
-    port = int((await Listener(parse_address("127.0.0.1:0")).start(server)).rpartition(":")[2])
-    envoy = FakeEnvoy(port, servicer)
-    try:
+    async with serve(host.settings, ExternalProcessor(Router(host.routes), host.pm)) as envoy:
         yield envoy
-    finally:
-        await envoy.close()
-        await server.stop(None)
-        await servicer.drain()
-        servicer.upkeep.stop()
 
 
 def with_attributes(req, **values):
