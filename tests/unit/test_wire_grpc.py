@@ -472,3 +472,35 @@ async def test_a_message_stays_charged_while_its_handler_works_on_it(served) -> 
     # of protobuf framing): nothing of the message before.
     assert seen[0] == seen[1] and 0 < seen[0] < WINDOW, seen
     assert server.budget.held == 0
+
+
+def test_a_stream_ended_while_it_opens_keeps_no_handler() -> None:
+    """A stream its application ends at once (a refusal, an unknown method, a plain answer to a
+    request that has ended) is forgotten with no Stream <-> handler reference left: nothing for
+    the garbage collector to find, however many a flood opens."""
+    import hpack
+
+    from extproc_host.wire.http2.connection import Connection
+    from extproc_host.wire.http2.frames import REFUSED_STREAM
+    from extproc_host.wire.http2.limits import Limits as ConnectionLimits
+
+    from .h2peer import END_HEADERS, END_STREAM, HEADERS, PREFACE, grpc_request, raw, settings
+
+    opened = []
+
+    class Handler:  # holds its stream, as a Call does
+        def __init__(self, stream) -> None:
+            self.stream = stream
+
+    class Refusing:
+        def stream_opened(self, conn, stream, request):
+            handler = Handler(stream)
+            conn.reset_stream(stream, REFUSED_STREAM)
+            opened.append(stream)
+            return handler
+
+    conn = Connection(Refusing(), ConnectionLimits())
+    block = hpack.Encoder().encode(grpc_request())
+    conn.receive(PREFACE + settings() + raw(HEADERS, END_HEADERS | END_STREAM, 1, block))
+    (stream,) = opened
+    assert stream.closed and stream.handler is None

@@ -585,7 +585,9 @@ class Connection:
             raise StreamFault(stream_id, PROTOCOL_ERROR, "END_STREAM with no DATA and a content-length")
         self.streams[stream_id] = stream
         self.idle_since = None
-        stream.handler = self.app.stream_opened(self, stream, request)
+        handler = self.app.stream_opened(self, stream, request)
+        if not stream.closed:  # ended at once (refused, or answered and done): nothing to hold
+            stream.handler = handler
 
     def _on_inactive_stream(self, kind: int, stream_id: int) -> None:
         """DATA or HEADERS on a stream that is not open (section 5.1)."""
