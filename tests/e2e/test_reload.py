@@ -63,13 +63,14 @@ def stack(tmp_path: Path):
     write(config, "v1")
     env = {"PYTHONPATH": PYTHONPATH}
     with Stack(None, config, host_args=["--workers", "2"], host_env=env, concurrency=2) as running:
-        running.config = config  # type: ignore[attr-defined]
         yield running
 
 
-async def test_a_reload_under_load_loses_nothing_and_new_streams_get_the_new_chain(stack: Stack, payload) -> None:
+async def test_a_reload_under_load_loses_nothing_and_new_streams_get_the_new_chain(
+    stack: Stack, payload, tmp_path: Path
+) -> None:
     body: Payload = payload(MiB)
-    config: Path = stack.config  # type: ignore[attr-defined]
+    config = tmp_path / "host.toml"  # the stack's settings file
     timeout = aiohttp.ClientTimeout(total=120)
     connector = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
@@ -121,8 +122,8 @@ async def test_a_reload_under_load_loses_nothing_and_new_streams_get_the_new_cha
     assert {tag for _, tag, _ in steady} <= {"v1", "v2"} and steady[-1][1] == "v2"
 
 
-def test_settings_that_do_not_load_leave_the_running_ones(stack: Stack) -> None:
-    config: Path = stack.config  # type: ignore[attr-defined]
+def test_settings_that_do_not_load_leave_the_running_ones(stack: Stack, tmp_path: Path) -> None:
+    config = tmp_path / "host.toml"
     config.write_text(config.read_text().replace('chain = ["chain_tag", "passthrough"]', 'chain = ["no_such_plugin"]'))
     os.kill(stack.pids["host"], signal.SIGHUP)
     wait_until(lambda: log_lines(stack, "reload of .* refused") >= 1, 30, "the refusal logged")
@@ -133,8 +134,8 @@ def test_settings_that_do_not_load_leave_the_running_ones(stack: Stack) -> None:
     assert log_lines(stack, "reloaded ") == 0
 
 
-def test_a_reload_that_needs_a_new_envoy_config_says_so(stack: Stack) -> None:
-    config: Path = stack.config  # type: ignore[attr-defined]
+def test_a_reload_that_needs_a_new_envoy_config_says_so(stack: Stack, tmp_path: Path) -> None:
+    config = tmp_path / "host.toml"
     write(config, "v3", more='[routes.api]\nchain = ["passthrough"]\npath_prefix = "/api"\nbody_mode = "STREAMED"\n')
     os.kill(stack.pids["host"], signal.SIGHUP)
     wait_until(lambda: log_lines(stack, "Envoy's config must change too") >= 2, 30, "the Envoy notice")

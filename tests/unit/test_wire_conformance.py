@@ -31,6 +31,7 @@ from .h2peer import (
     HEADERS,
     PADDED,
     PING,
+    PREFACE,
     PRIORITY,
     PRIORITY_FLAG,
     PUSH_PROMISE,
@@ -42,6 +43,7 @@ from .h2peer import (
     HeadersFrame,
     Peer,
     PingFrame,
+    RstStreamFrame,
     SettingsFrame,
     connect,
     data,
@@ -138,13 +140,13 @@ async def test_rfc9113_3_4_an_invalid_preface_is_a_connection_error(served) -> N
 
 async def test_rfc9113_3_4_the_first_frame_must_be_settings(served) -> None:
     async with connect(served[2]) as peer:
-        peer.send(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + ping())
+        peer.send(PREFACE + ping())
         await peer.connection_error("PROTOCOL_ERROR")
 
 
 async def test_rfc9113_3_4_the_server_sends_settings_first(served) -> None:
     async with connect(served[2]) as peer:
-        peer.send(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + settings())
+        peer.send(PREFACE + settings())
         first = await peer.next_frame()
         assert isinstance(first, SettingsFrame) and "ACK" not in first.flags
         assert first.settings[SettingsFrame.MAX_CONCURRENT_STREAMS] == Limits().max_concurrent_streams
@@ -247,7 +249,7 @@ async def test_rfc9113_5_1_frames_after_the_peers_rst_stream_are_stream_closed(p
 async def test_rfc9113_5_1_frames_in_flight_after_the_servers_rst_stream_are_ignored(peer: Peer) -> None:
     await peer.call(1, ECHO, BytesValue(value=b"abort:x").SerializeToString(), end=False)
     await peer.until(lambda f: f.stream_id == 1 and "END_STREAM" in f.flags)
-    await peer.until(lambda f: f.stream_id == 1 and type(f).__name__ == "RstStreamFrame")  # NO_ERROR: stop sending
+    await peer.until(lambda f: f.stream_id == 1 and isinstance(f, RstStreamFrame))  # NO_ERROR: stop sending
     peer.send(data(1, grpc_message(MESSAGE)), window_update(1, 5), data(1, b"", end_stream=True))
     await peer.alive()
 
@@ -571,7 +573,7 @@ async def test_rfc9113_8_1_a_second_headers_without_end_stream_is_a_stream_error
 
 async def test_rfc9113_8_1_an_answer_before_the_request_ended_resets_with_no_error(peer: Peer) -> None:
     await peer.call(1, ECHO, BytesValue(value=b"abort:no").SerializeToString(), end=False)
-    frame = await peer.until(lambda f: type(f).__name__ == "RstStreamFrame")
+    frame = await peer.until(lambda f: isinstance(f, RstStreamFrame))
     assert frame.error_code == 0
     assert [f for f in peer.received.of(HeadersFrame, 1) if "END_STREAM" in f.flags]
 
@@ -699,7 +701,7 @@ async def test_grpc_a_request_that_is_not_grpc_gets_415_with_a_body(peer: Peer, 
     headers, body, _ = await peer.response(1)
     assert field_value(headers, b":status") == b"415" and body.startswith(b"This is a gRPC server")
     if not end_stream:  # the answer is whole before the request: the peer is told to stop
-        reset = await peer.until(lambda f: type(f).__name__ == "RstStreamFrame")
+        reset = await peer.until(lambda f: isinstance(f, RstStreamFrame))
         assert reset.stream_id == 1 and reset.error_code == 0
     await peer.alive()
 
