@@ -40,7 +40,7 @@ from typing import Any
 
 from extproc_host.stack import Stack
 from measure import CpuMeter, extproc_messages
-from workloads import find_wrk
+from workloads import find_wrk, wrk_command, wrk_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "mixed.lua"
@@ -67,7 +67,11 @@ FIGURES = (
 )
 
 
-def parse_mix(text: str) -> tuple[str, int, int]:
+#: A mix: its name, the JSON requests' body size, the others' body size.
+Mix = tuple[str, int, int]
+
+
+def parse_mix(text: str) -> Mix:
     """``NAME=JSON_BYTES/OTHER_BYTES`` as (name, JSON body size, other body size)."""
     name, _, sizes = text.partition("=")
     json_bytes, _, other_bytes = sizes.partition("/")
@@ -80,26 +84,19 @@ def parse_mix(text: str) -> tuple[str, int, int]:
     return mix
 
 
-def wrk_run(wrk: str, url: str, args: argparse.Namespace, seconds: int) -> dict[str, Any]:
-    _, json_bytes, other_bytes = args.current_mix
+def wrk_run(wrk: str, url: str, args: argparse.Namespace, mix: Mix, seconds: int) -> dict[str, Any]:
+    """wrk sending ``mix`` (mixed.lua) for ``seconds``: its summary."""
+    _, json_bytes, other_bytes = mix
     env = {
         **os.environ,
         "MIXED_JSON_BYTES": str(json_bytes),
         "MIXED_BODY_BYTES": str(other_bytes),
         "MIXED_EVERY": str(args.every),
     }
-    command = [wrk, f"-t{args.threads}", f"-c{args.connections}", f"-d{seconds}s", "--timeout", "10s"]
-    done = subprocess.run(
-        [*command, "-s", str(SCRIPT), url], env=env, capture_output=True, text=True, timeout=seconds + 60
-    )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("WRK_RESULT ")]
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(f"wrk failed (exit {done.returncode}): {done.stdout[-500:]} {done.stderr[-500:]}")
-    result: dict[str, Any] = json.loads(lines[-1].removeprefix("WRK_RESULT "))
-    return result
+    return wrk_summary(wrk_command(wrk, url, seconds, args, SCRIPT), env, seconds)[0]
 
 
-def run_setup(setup: str, wrk: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def run_setup(setup: str, wrk: str, args: argparse.Namespace, mix: Mix, work: Path) -> dict[str, Any]:
     """One setup on a fresh stack: a warm-up, then the measured wrk run."""
     settings = work / f"{setup}.toml"
     settings.write_text(COMMON + SETTINGS[setup])
@@ -113,11 +110,11 @@ def run_setup(setup: str, wrk: str, args: argparse.Namespace, work: Path) -> dic
         if check.stdout != "200":
             raise RuntimeError(f"{setup}: a JSON POST got {check.stdout}\n{stack.log_tails(20)}")
         if args.warmup:
-            wrk_run(wrk, stack.url + "/", args, args.warmup)
+            wrk_run(wrk, stack.url + "/", args, mix, args.warmup)
         time.sleep(0.5)
         messages = extproc_messages(stack)
         with CpuMeter(stack) as cpu:
-            summary = wrk_run(wrk, stack.url + "/", args, args.duration)
+            summary = wrk_run(wrk, stack.url + "/", args, mix, args.duration)
         messages = extproc_messages(stack) - messages
     requests = summary["requests"] or 1
     errors = {k: v for k, v in summary["errors"].items() if v}
@@ -216,9 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         for run in range(args.runs):
             order = setups[run % len(setups) :] + setups[: run % len(setups)]
             for mix in mixes:
-                args.current_mix = mix
                 for setup in order:
-                    result = run_setup(setup, wrk, args, Path(tmp))
+                    result = run_setup(setup, wrk, args, mix, Path(tmp))
                     results[mix[0]][setup].append(result)
                     if result["errors"]:
                         failures.append(f"{mix[0]} {setup} run {run + 1}: wrk errors {result['errors']}")
@@ -230,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, json_bytes, other_bytes in mixes:
         report(name, json_bytes, other_bytes, results[name], setups, args)
     if args.json:
-        plain = {k: v for k, v in vars(args).items() if k not in ("json", "current_mix")}
+        plain = {k: v for k, v in vars(args).items() if k != "json"}
         args.json.write_text(json.dumps({"args": plain, "results": results}, indent=1))
     for failure in failures:
         print(f"error: {failure}", file=sys.stderr)

@@ -178,7 +178,8 @@ def run_upload(stack: Stack, upload: Body, args: argparse.Namespace) -> dict[str
     }
 
 
-def _wrk_command(wrk: str, url: str, seconds: int, args: argparse.Namespace) -> list[str]:
+def wrk_command(wrk: str, url: str, seconds: int, args: argparse.Namespace, script: Path = WRK_SCRIPT) -> list[str]:
+    """wrk with ``args``' threads and connections for ``seconds``, running ``script``."""
     return [
         wrk,
         f"-t{args.threads}",
@@ -187,9 +188,19 @@ def _wrk_command(wrk: str, url: str, seconds: int, args: argparse.Namespace) -> 
         "--timeout",
         "10s",
         "-s",
-        str(WRK_SCRIPT),
+        str(script),
         url,
     ]
+
+
+def wrk_summary(command: list[str], env: dict[str, str], seconds: float) -> tuple[dict[str, Any], str]:
+    """Run ``command`` (a wrk of ``seconds``): the ``WRK_RESULT`` its script prints, and its output."""
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=seconds + 60)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("WRK_RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise WorkloadError(f"wrk failed (exit {proc.returncode}): {proc.stdout[-500:]} {proc.stderr[-500:]}")
+    summary: dict[str, Any] = json.loads(lines[-1].removeprefix("WRK_RESULT "))
+    return summary, proc.stdout
 
 
 def run_wrk(stack: Stack, wrk: str, workload: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -197,22 +208,10 @@ def run_wrk(stack: Stack, wrk: str, workload: str, args: argparse.Namespace) -> 
     (url,) = (stack.url + path for path in WORKLOAD_PATHS[workload])
     env = {**os.environ, "WRK_BODY_BYTES": str(args.body_bytes)}
     if args.warmup > 0:
-        subprocess.run(
-            _wrk_command(wrk, url, args.warmup, args), env=env, capture_output=True, timeout=args.warmup + 60
-        )
+        subprocess.run(wrk_command(wrk, url, args.warmup, args), env=env, capture_output=True, timeout=args.warmup + 60)
     msgs_before = extproc_messages(stack)
     with stack.sampler(0.1) as rss, CpuMeter(stack) as cpu:
-        proc = subprocess.run(
-            _wrk_command(wrk, url, args.duration, args),
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=args.duration + 60,
-        )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("WRK_RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise WorkloadError(f"wrk failed (exit {proc.returncode}): {proc.stdout[-500:]} {proc.stderr[-500:]}")
-    summary = json.loads(lines[-1].removeprefix("WRK_RESULT "))
+        summary, output = wrk_summary(wrk_command(wrk, url, args.duration, args), env, args.duration)
     seconds = summary["duration_us"] / 1e6
     errors = {k: v for k, v in summary["errors"].items() if v}
     key = "fd_rps" if workload == "small-fd" else "headers_rps"
@@ -238,7 +237,7 @@ def run_wrk(stack: Stack, wrk: str, workload: str, args: argparse.Namespace) -> 
         "host_peak_rss_mib": rss.peak_host / MiB if stack.runs_host else None,
         "cpu_seconds": cpu.seconds,
         "cpu_cores": cpu.cores(),
-        "wrk_output": proc.stdout.strip(),
+        "wrk_output": output.strip(),
     }
 
 
